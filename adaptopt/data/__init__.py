@@ -1,0 +1,1 @@
+"""Datasets for the recipes: loaders that turn benchmark files into `datasets.DatasetDict`s."""

@@ -1,0 +1,241 @@
+"""AdaptOpt: Adam moments + decoupled weight decay + three switchable adaptive components.
+
+At step t (1-based) with gradient g_t, for every element (the update is element-wise, so it runs on any
+tensor shape, including DeepSpeed ZeRO's flat, sharded partitions):
+
+    g_t     <- clip(g_t)                                        (1) global L2-norm clipping (clip.py)
+    m_t      = b1_t m_{t-1} + (1 - b1_t) g_t                    Adam first moment
+    v_t      = b2 v_{t-1} + (1 - b2) g_t^2                      Adam second moment
+    m̂_t      = m_t / (1 - prod_{i<=t} b1_i),  v̂_t = v_t / (1 - b2^t)    bias correction
+    lr_t     = schedule(t) * s_t                                (2) adaptive learning rate
+    theta_t  = theta_{t-1} (1 - lr_t wd) - lr_t m̂_t / (sqrt(v̂_t) + eps)     decoupled weight decay
+
+With a constant b1 the bias correction is the usual 1 - b1^t. Both adaptive rules below read one
+statistic of the optimisation path, the cosine between the new gradient and the previous update
+direction u_{t-1} = m̂_{t-1} / (sqrt(v̂_{t-1}) + eps), summed over all parameters of a param group:
+
+    c_t = <g_t, u_{t-1}> / (||g_t|| ||u_{t-1}||)
+
+(2) Adaptive learning rate, hypergradient descent (Baydin, Cornish, Martinez Rubio, Schmidt, Wood,
+    "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018), in its multiplicative,
+    normalised form: d loss(theta_t) / d lr = -<g_t, u_{t-1}>, so gradient descent on the learning rate
+    raises it while successive steps agree and lowers it when they oppose (overshoot):
+
+        s_{t+1} = clip(s_t (1 + hypergrad_rate * c_t), lr_scale_bounds),   s_1 = 1
+
+    The scale multiplies whatever the LR schedule gives (group["lr"]), so warmup/decay shape the run and
+    the hypergradient corrects the level, which makes the default LR less critical.
+
+(3) Adaptive momentum, the AMoC rule (Rashidi, Ahmadi K. A., An, Wang, "Adaptive Momentum Coefficient
+    for Neural Network Optimization", ECML-PKDD 2020): weight the momentum by how well the path keeps
+    its direction,
+
+        b1_{t+1} = min(b1 (1 + momentum_rate * c_t), beta1_max)
+
+Both use c_t one step late (computed during step t, applied from step t+1). That is what keeps the whole
+update a single pass over memory: the statistic is reduced in the same loop that writes the new moments
+(see functional.py). With ``adaptive_lr=False, adaptive_momentum=False, max_grad_norm=None`` AdaptOpt is
+exactly AdamW (the tests hold it to torch.optim.AdamW for 100 steps in float64).
+
+State per parameter element: exp_avg and exp_avg_sq (2 x 4 bytes in fp32), as Adam. The adaptive parts
+add no per-element state: per tensor a step counter and, only with adaptive momentum, the scalar
+``beta1_prod``; per group the scalars ``lr_scale`` and ``path_cos`` (in the param group, so they are
+saved with ``state_dict``). Clipping keeps a few floats (clip.GradClipper).
+
+Sharded statistics: under ZeRO each rank holds a slice of every group; pass ``reduce_fn`` (sums a
+float64 tensor over the data-parallel group) so that c_t and the clipping norm are global. Plain data
+parallel needs none (every rank sees the full, identical gradients).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .clip import GradClipper, ReduceFn, attach_state
+from .functional import (
+    TensorScalars,
+    adaptopt_compiled,
+    adaptopt_foreach,
+    adaptopt_single_tensor,
+    bias_correction2_sqrt,
+)
+from .validation import check_betas, check_nonneg, check_positive, check_range
+
+
+class AdaptOpt(torch.optim.Optimizer):
+    """Adam(W) with an adaptive learning-rate scale, adaptive momentum and gradient clipping.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: base learning rate (the schedule multiplies it; the adaptive scale multiplies the result).
+        betas: (b1, b2): b1 is the base momentum the adaptive rule starts from.
+        eps: term added to sqrt(v̂) (> 0).
+        weight_decay: decoupled weight decay (AdamW's), per param group.
+        adaptive_lr: hypergradient LR scale (rule (2) in the module docstring).
+        hypergrad_rate: how fast the scale moves: by at most this fraction per step.
+        lr_scale_bounds: (low, high) the scale is kept in; 1.0 must lie inside.
+        adaptive_momentum: AMoC momentum (rule (3)).
+        momentum_rate: how strongly b1 follows the path cosine.
+        beta1_max: upper bound of the adapted b1 (< 1).
+        max_grad_norm: global L2 clipping threshold; None: no fixed clipping.
+        adaptive_clip: ZClip threshold from the norm's running statistics (max_grad_norm then applies
+            only during its warmup). See clip.GradClipper.
+        foreach: use the torch._foreach_* implementation (default: on for CUDA tensors).
+        fused: use the torch.compile-d single-pass kernel (CPU and GPU; compiles on first step).
+        reduce_fn: sums a float64 tensor over shards; only for sharded parameters (ZeRO).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 2e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        adaptive_lr: bool = True,
+        hypergrad_rate: float = 0.02,
+        lr_scale_bounds: tuple[float, float] = (0.1, 10.0),
+        adaptive_momentum: bool = True,
+        momentum_rate: float = 0.1,
+        beta1_max: float = 0.99,
+        max_grad_norm: float | None = 1.0,
+        adaptive_clip: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ):
+        check_positive("lr", lr, allow_zero=True)
+        check_betas(betas)
+        check_positive("eps", eps)
+        check_nonneg("weight_decay", weight_decay)
+        check_nonneg("hypergrad_rate", hypergrad_rate, upper=1.0)
+        low, high = lr_scale_bounds
+        if not 0 < low <= 1.0 <= high:
+            raise ValueError(f"Invalid lr_scale_bounds: {lr_scale_bounds} (need 0 < low <= 1 <= high)")
+        check_nonneg("momentum_rate", momentum_rate, upper=1.0)
+        check_range("beta1_max", beta1_max, betas[0], 1.0, "[beta1, 1)")
+        if foreach and fused:
+            raise ValueError("foreach=True and fused=True are exclusive: pick one implementation")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            adaptive_lr=adaptive_lr, hypergrad_rate=hypergrad_rate, lr_scale_bounds=tuple(lr_scale_bounds),
+            adaptive_momentum=adaptive_momentum, momentum_rate=momentum_rate, beta1_max=beta1_max,
+            foreach=foreach, fused=fused,
+            # Run-wide scalars live in the group so that state_dict() carries them.
+            lr_scale=1.0, path_cos=0.0,
+        )
+        super().__init__(params, defaults)
+        self.reduce_fn = reduce_fn
+        self.grad_clipper = GradClipper(max_grad_norm, adaptive=adaptive_clip, reduce_fn=reduce_fn)
+        attach_state(self, self.grad_clipper)
+        self.skipped_steps = 0  # steps skipped because the gradient norm was inf/nan
+
+    @staticmethod
+    def current_beta1(group: dict) -> float:
+        """b1 this group uses at its next step (rule (3), from the last path cosine)."""
+        beta1 = group["betas"][0]
+        if not group["adaptive_momentum"]:
+            return beta1
+        return min(beta1 * (1.0 + group["momentum_rate"] * group["path_cos"]), group["beta1_max"])
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, states) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdaptOpt does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["adaptive_momentum"]:  # optional buffers exist only when their feature is on
+                    state["beta1_prod"] = 1.0
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            states.append(state)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        if self.grad_clipper.enabled:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self.grad_clipper.clip_(grads)
+            if not self.grad_clipper.last_finite:
+                # Leave parameters, moments and step counts untouched: the step did not happen.
+                self.skipped_steps += 1
+                return loss
+
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, states = [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, states)
+            want_stats = group["adaptive_lr"] or group["adaptive_momentum"]
+            if not params and not (want_stats and self.reduce_fn is not None):
+                continue
+            beta1, beta2 = self.current_beta1(group), group["betas"][1]
+            lr = group["lr"] * (group["lr_scale"] if group["adaptive_lr"] else 1.0)
+            scalars = [self._scalars(group, state, beta1, beta2, lr) for state in states]
+
+            impl = _pick_impl(group, params)
+            stats = impl(
+                params, grads, exp_avgs, exp_avg_sqs, scalars,
+                beta2=beta2, eps=group["eps"], want_stats=want_stats,
+            )
+            if want_stats:
+                if stats is None:  # this rank holds nothing of the group but must join the reduce
+                    stats = torch.zeros(3, dtype=torch.float64)
+                self._adapt(group, stats)
+        return loss
+
+    @staticmethod
+    def _scalars(group: dict, state: dict, beta1: float, beta2: float, lr: float) -> TensorScalars:
+        state["step"] += 1
+        step = float(state["step"])
+        if group["adaptive_momentum"]:
+            prod_prev = state["beta1_prod"]
+            state["beta1_prod"] = prod_prev * beta1
+            bias_correction1 = 1 - state["beta1_prod"]
+            bias_correction1_prev = 1 - prod_prev if step > 1 else 1.0
+        else:
+            bias_correction1 = 1 - beta1**step
+            bias_correction1_prev = 1 - beta1 ** (step - 1) if step > 1 else 1.0
+        return TensorScalars(
+            step_size=lr / bias_correction1,
+            decay=1 - lr * group["weight_decay"],
+            beta1=beta1,
+            bias_correction2_sqrt=bias_correction2_sqrt(beta2, step),
+            bias_correction1_prev=bias_correction1_prev,
+            bias_correction2_prev_sqrt=bias_correction2_sqrt(beta2, step - 1),
+        )
+
+    def _adapt(self, group: dict, stats: Tensor) -> None:
+        """Rules (2) and (3): update the group's path cosine and LR scale from [g·u, g·g, u·u]."""
+        if self.reduce_fn is not None:
+            stats = self.reduce_fn(stats)
+        gu, gg, uu = (float(x) for x in stats)
+        denom = math.sqrt(gg * uu)
+        cos = gu / denom if denom > 0 and math.isfinite(denom) else 0.0
+        group["path_cos"] = cos
+        if group["adaptive_lr"]:
+            low, high = group["lr_scale_bounds"]
+            scale = group["lr_scale"] * (1.0 + group["hypergrad_rate"] * cos)
+            group["lr_scale"] = min(max(scale, low), high)
+
+
+def _pick_impl(group: dict, params: list[Tensor]):
+    if group["fused"]:
+        return adaptopt_compiled
+    foreach = group["foreach"]
+    if foreach is None:  # as torch: foreach by default where kernels launch on a device
+        foreach = bool(params) and all(p.is_cuda for p in params)
+    return adaptopt_foreach if foreach else adaptopt_single_tensor

@@ -1,0 +1,114 @@
+"""Optimizers by name, with the papers' defaults and weight-decay grouping in one place.
+
+    opt = build_optimizer("adamw", model, lr=3e-5, max_grad_norm=1.0)
+
+``params`` may be an ``nn.Module`` (then parameters are grouped: no weight decay for biases and
+LayerNorm weights, as BERT does) or an iterable of parameters / param groups (used as given). Only
+parameters with ``requires_grad`` are passed on, so with LoRA the optimizer sees only the adapters.
+
+Clipping: every optimizer here clips through the same ``clip.GradClipper`` (AdaptOpt owns one; the
+torch baselines get one attached as a step pre-hook), so ``max_grad_norm`` and ``adaptive_clip`` mean
+the same thing whichever optimizer a study picks, and the clipper's state rides in the optimizer's
+``state_dict``.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .clip import GradClipper
+from .optim import AdaptOpt
+from .validation import check_betas, check_nonneg, check_positive, check_range
+
+# name -> (constructor, default hyperparameters). Defaults are the papers' unless noted.
+OPTIMIZERS: dict[str, tuple[type, dict]] = {
+    "sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.0, weight_decay=0.0)),
+    "momentum": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=0.0)),
+    "adagrad": (torch.optim.Adagrad, dict(lr=0.01, eps=1e-10, weight_decay=0.0)),  # torch's default lr
+    "rmsprop": (torch.optim.RMSprop, dict(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=0.0)),
+    "adam": (torch.optim.Adam, dict(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)),  # BERT setup
+    "adamw": (torch.optim.AdamW, dict(lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)),
+    "adaptopt": (AdaptOpt, dict(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)),
+}
+
+# Names of parameters that never get weight decay (biases, LayerNorm/RMSNorm weights).
+NO_DECAY_MARKERS = ("bias", "layernorm", "layer_norm", "ln_", ".norm", "rmsnorm")
+
+
+def optimizer_names() -> list[str]:
+    return list(OPTIMIZERS)
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """True for biases and normalisation weights (1-D tensors whose name marks them as such)."""
+    lowered = name.lower()
+    return param.ndim <= 1 and any(marker in lowered for marker in NO_DECAY_MARKERS)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups of trainable parameters: with ``weight_decay``, and without (biases, norms)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if no_weight_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    return groups
+
+
+def _validate(name: str, hp: dict) -> None:
+    if "lr" in hp:
+        check_positive("lr", hp["lr"], allow_zero=True)
+    if "betas" in hp:
+        check_betas(hp["betas"])
+    if "eps" in hp:
+        check_positive("eps", hp["eps"])
+    if "weight_decay" in hp:
+        check_nonneg("weight_decay", hp["weight_decay"])
+    if "momentum" in hp:
+        check_range("momentum", hp["momentum"], 0.0, 1.0, "[0, 1)")
+    if "alpha" in hp and name == "rmsprop":
+        check_range("alpha", hp["alpha"], 0.0, 1.0, "[0, 1)")
+
+
+def build_optimizer(
+    name: str,
+    params: nn.Module | Iterable,
+    *,
+    max_grad_norm: float | None = None,
+    adaptive_clip: bool = False,
+    **hyperparameters,
+) -> torch.optim.Optimizer:
+    """A torch optimizer by registry name, with the papers' defaults overridden by ``hyperparameters``.
+
+    Raises ValueError naming the bad value and the valid range for unknown names, unknown
+    hyperparameters and out-of-range values.
+    """
+    key = name.lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    cls, defaults = OPTIMIZERS[key]
+    hp = {**defaults, **{k: v for k, v in hyperparameters.items() if v is not None}}
+    _validate(key, hp)
+
+    if isinstance(params, nn.Module):
+        params = param_groups(params, hp["weight_decay"])
+    else:
+        params = [p for p in params if not isinstance(p, torch.Tensor) or p.requires_grad]
+
+    if cls is AdaptOpt:  # AdaptOpt owns its clipper
+        hp.update(max_grad_norm=max_grad_norm, adaptive_clip=adaptive_clip)
+    try:
+        optimizer = cls(params, **hp)
+    except TypeError as err:  # an argument the class does not take
+        raise ValueError(f"optimizer {name!r}: {err}; its defaults are {defaults}") from None
+    if cls is AdaptOpt:
+        return optimizer
+    clipper = GradClipper(max_grad_norm, adaptive=adaptive_clip)
+    if clipper.enabled:
+        clipper.attach(optimizer)
+    return optimizer

@@ -1,0 +1,201 @@
+"""AdaptOpt against torch's AdamW and against the float64 reference written from the equations."""
+import copy
+
+import pytest
+import torch
+
+from adaptopt import AdaptOpt
+from adaptopt._reference import ReferenceAdaptOpt
+
+SHAPES = [(7, 5), (5,), (3, 4, 2), (1,)]
+IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
+IMPL_IDS = ["single_tensor", "foreach", "compiled"]
+
+ADAPTIVE = dict(
+    lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+    adaptive_lr=True, hypergrad_rate=0.2, lr_scale_bounds=(0.25, 4.0),
+    adaptive_momentum=True, momentum_rate=0.5, beta1_max=0.99, max_grad_norm=2.0,
+)
+
+
+def make_params(seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES]
+
+
+def grad_stream(params, steps, seed=1):
+    """Gradients of a fixed quadratic plus noise, so successive steps are correlated (cos != 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    for _ in range(steps):
+        # Noise drawn now, so replaying an element of the stream gives the same gradient function.
+        noise = [0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        yield lambda ps, noise=noise: [3 * (p.detach() - t) + n for p, t, n in zip(ps, targets, noise)]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
+def test_reduces_to_torch_adamw_for_100_steps(impl):
+    init = make_params()
+    ours = [p.clone().requires_grad_() for p in init]
+    theirs = [p.clone().requires_grad_() for p in init]
+    opt = AdaptOpt(ours, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05,
+                   adaptive_lr=False, adaptive_momentum=False, max_grad_norm=None, **impl)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, foreach=False)
+    for grads_of in grad_stream(init, 100):
+        grads = grads_of(theirs)
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        if impl == IMPLS[0]:
+            assert torch.equal(a, b)  # same operation order as torch's single-tensor AdamW
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("adaptive_lr,adaptive_momentum,max_grad_norm", [
+    (True, True, 2.0), (True, False, None), (False, True, 2.0), (False, False, 0.5)])
+def test_matches_float64_reference(impl, adaptive_lr, adaptive_momentum, max_grad_norm):
+    hp = dict(ADAPTIVE, adaptive_lr=adaptive_lr, adaptive_momentum=adaptive_momentum, max_grad_norm=max_grad_norm)
+    init = make_params()
+    params = [p.clone().requires_grad_() for p in init]
+    opt = AdaptOpt(params, **hp, **impl)
+    ref = ReferenceAdaptOpt(init, **hp)
+    for grads_of in grad_stream(init, 150):
+        grads = grads_of(ref.params())
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        expected = ref.step(grads)
+    for a, b in zip(params, expected):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
+    group = opt.param_groups[0]
+    assert group["lr_scale"] == pytest.approx(ref.s, rel=1e-9)
+    if adaptive_lr:
+        assert group["lr_scale"] != 1.0  # the adaptive rule really moved the scale
+
+
+def test_adaptive_parts_change_the_trajectory():
+    """Guards the reference test against a degenerate stream where the adaptive rules do nothing."""
+    init = make_params()
+    runs = {}
+    for name, hp in {"adaptive": ADAPTIVE, "plain": dict(ADAPTIVE, adaptive_lr=False, adaptive_momentum=False)}.items():
+        params = [p.clone().requires_grad_() for p in init]
+        opt = AdaptOpt(params, **hp)
+        for grads_of in grad_stream(init, 50):
+            for p, g in zip(params, grads_of(params)):
+                p.grad = g
+            opt.step()
+        runs[name] = torch.cat([p.detach().reshape(-1) for p in params])
+    assert (runs["adaptive"] - runs["plain"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS[:2], ids=IMPL_IDS[:2])
+def test_state_dict_round_trip_continues_identically(impl):
+    init = make_params()
+    hp = dict(ADAPTIVE, adaptive_clip=True, **impl)
+
+    def run(params, opt, stream):
+        for grads_of in stream:
+            for p, g in zip(params, grads_of(params)):
+                p.grad = g
+            opt.step()
+
+    stream = list(grad_stream(init, 40))
+    a = [p.clone().requires_grad_() for p in init]
+    opt_a = AdaptOpt(a, **hp)
+    run(a, opt_a, stream[:20])
+    saved_params = [p.detach().clone() for p in a]
+    saved_state = copy.deepcopy(opt_a.state_dict())
+    assert "grad_clipper" in saved_state  # the adaptive clipping statistics travel with the optimizer
+    run(a, opt_a, stream[20:])
+
+    b = [p.clone().requires_grad_() for p in saved_params]
+    opt_b = AdaptOpt(b, **hp)
+    opt_b.load_state_dict(saved_state)
+    run(b, opt_b, stream[20:])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert opt_a.param_groups[0]["lr_scale"] == opt_b.param_groups[0]["lr_scale"]
+    assert opt_a.grad_clipper.mean == opt_b.grad_clipper.mean
+
+
+def test_optional_state_only_when_enabled():
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    plain = AdaptOpt([p], adaptive_lr=False, adaptive_momentum=False)
+    plain.step()
+    assert set(plain.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+    q = torch.nn.Parameter(torch.randn(4))
+    q.grad = torch.randn(4)
+    full = AdaptOpt([q], adaptive_lr=True, adaptive_momentum=True)
+    full.step()
+    assert set(full.state[q]) == {"step", "exp_avg", "exp_avg_sq", "beta1_prod"}
+
+
+def test_non_finite_gradient_skips_the_step_and_keeps_parameters():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdaptOpt([p], lr=0.1, max_grad_norm=1.0)
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+    assert opt.state[p] == {}  # no moments were touched, no step counted
+    assert opt.skipped_steps == 1 and opt.grad_clipper.nonfinite_steps == 1
+    p.grad = torch.tensor([1.0, 1.0, 0.0])
+    opt.step()
+    assert float(opt.state[p]["step"]) == 1.0 and torch.isfinite(p).all()
+
+
+def test_closure_and_zero_grad():
+    p = torch.nn.Parameter(torch.tensor([2.0, -1.0]))
+    opt = AdaptOpt([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    for _ in range(50):
+        last = opt.step(closure)
+    assert float(last) < float(first)
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_elementwise_update_is_shape_agnostic():
+    """ZeRO hands the optimizer flat partitions: the same numbers in any shape give the same update."""
+    init = make_params()
+    shaped = [p.clone().requires_grad_() for p in init]
+    flat = torch.cat([p.reshape(-1) for p in init]).clone().requires_grad_()
+    opt_shaped = AdaptOpt(shaped, **ADAPTIVE)
+    opt_flat = AdaptOpt([flat], **ADAPTIVE)
+    for grads_of in grad_stream(init, 30):
+        grads = grads_of(shaped)
+        for p, g in zip(shaped, grads):
+            p.grad = g
+        flat.grad = torch.cat([g.reshape(-1) for g in grads])
+        opt_shaped.step()
+        opt_flat.step()
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in shaped]), flat.detach(),
+                               rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=-1e-3), r"Invalid lr: -0.001 \(must be a number >= 0\)"),
+    (dict(betas=(1.2, 0.999)), r"Invalid beta parameter at index 0: 1.2 \(must be in \[0, 1\)\)"),
+    (dict(betas=(0.9, 1.0)), r"Invalid beta parameter at index 1: 1.0"),
+    (dict(eps=0.0), r"Invalid eps: 0.0 \(must be a number > 0\)"),
+    (dict(weight_decay=-0.1), r"Invalid weight_decay: -0.1"),
+    (dict(lr_scale_bounds=(2.0, 4.0)), r"Invalid lr_scale_bounds"),
+    (dict(max_grad_norm=0.0), r"Invalid max_grad_norm: 0.0 \(must be > 0"),
+    (dict(foreach=True, fused=True), r"exclusive"),
+])
+def test_invalid_hyperparameters_name_value_and_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptOpt([torch.nn.Parameter(torch.zeros(1))], **kwargs)

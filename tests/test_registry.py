@@ -1,0 +1,88 @@
+"""Optimizers by name: defaults, weight-decay grouping, errors, and that each one learns."""
+import pytest
+import torch
+from torch import nn
+
+from adaptopt import AdaptOpt, build_optimizer, optimizer_names, param_groups
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(4, 3)
+        self.LayerNorm = nn.LayerNorm(3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(self.LayerNorm(self.dense(x)))
+
+
+def test_all_seven_names_present():
+    assert set(optimizer_names()) >= {"sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw", "adaptopt"}
+
+
+@pytest.mark.parametrize("name,cls,expected", [
+    ("adamw", torch.optim.AdamW, dict(lr=5e-5, betas=(0.9, 0.999))),
+    ("sgd", torch.optim.SGD, dict(lr=0.01, momentum=0.0)),
+    ("momentum", torch.optim.SGD, dict(lr=0.01, momentum=0.9)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3)),
+    ("adam", torch.optim.Adam, dict(lr=2e-5)),
+    ("adagrad", torch.optim.Adagrad, dict(lr=0.01)),
+    ("adaptopt", AdaptOpt, dict(lr=2e-5, betas=(0.9, 0.999))),
+])
+def test_papers_defaults(name, cls, expected):
+    opt = build_optimizer(name, Tiny())
+    assert type(opt) is cls
+    for key, value in expected.items():
+        assert opt.param_groups[0][key] == value
+
+
+def test_weight_decay_grouping_excludes_biases_and_layernorm():
+    model = Tiny()
+    groups = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in groups[0]["params"])
+    plain = sorted(names[id(p)] for p in groups[1]["params"])
+    assert decayed == ["dense.weight", "out.weight"] and groups[0]["weight_decay"] == 0.01
+    assert plain == ["LayerNorm.bias", "LayerNorm.weight", "dense.bias", "out.bias"]
+    assert groups[1]["weight_decay"] == 0.0
+
+
+def test_only_trainable_parameters_reach_the_optimizer():
+    model = Tiny()
+    model.dense.requires_grad_(False)
+    opt = build_optimizer("adaptopt", model)
+    seen = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(model.dense.weight) not in seen and id(model.out.weight) in seen
+
+
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("adamx", {}, r"Unknown optimizer 'adamx'; choose one of sgd, momentum, adagrad, rmsprop, adam, adamw, adaptopt"),
+    ("adamw", dict(lr=-1.0), r"Invalid lr: -1.0 \(must be a number >= 0\)"),
+    ("adam", dict(betas=(0.9, 1.5)), r"Invalid beta parameter at index 1: 1.5 \(must be in \[0, 1\)\)"),
+    ("rmsprop", dict(eps=-1e-8), r"Invalid eps: -1e-08 \(must be a number > 0\)"),
+    ("momentum", dict(momentum=1.0), r"Invalid momentum: 1.0 \(must be in \[0, 1\)\)"),
+    ("sgd", dict(betas=(0.9, 0.99)), r"optimizer 'sgd': .*betas"),
+])
+def test_errors_name_value_and_range(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_optimizer(name, Tiny(), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw", "adaptopt"])
+def test_every_optimizer_reduces_a_convex_loss(name):
+    """Logistic regression on separable data: convex, so every optimizer must lower the loss."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=gen)
+    y = (x @ torch.randn(8, generator=gen) > 0).long()
+    model = nn.Linear(8, 2)
+    lr = {"adam": 1e-2, "adamw": 1e-2, "adaptopt": 1e-2}.get(name)  # the BERT LRs are for fine-tuning
+    opt = build_optimizer(name, model, lr=lr, max_grad_norm=1.0)
+    loss_fn = nn.CrossEntropyLoss()
+    first = loss_fn(model(x), y).item()
+    for _ in range(100):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    last = loss_fn(model(x), y).item()
+    assert last < 0.8 * first, (name, first, last)
