@@ -1,0 +1,135 @@
+"""Command-line options every recipe shares: optimizer, LR schedule, clipping, training length,
+checkpoints, tracking and LoRA, and the builders that turn them into objects.
+
+One definition here means glue.py, squad.py and clm.py spell and default every setting the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from .registry import OPTIMIZERS, build_optimizer
+from .schedules import SCHEDULES, build_scheduler
+
+
+def add_optimization_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="adaptopt", choices=list(OPTIMIZERS), help="optimizer by registry name")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help="peak learning rate (default: the optimizer's paper default, e.g. 2e-5 adaptopt, 5e-5 adamw)")
+    g.add_argument("--weight_decay", type=float, default=None, help="(decoupled for adamw/adaptopt) weight decay")
+    g.add_argument("--beta1", type=float, default=None, help="Adam b1 (adam, adamw, adaptopt)")
+    g.add_argument("--beta2", type=float, default=None, help="Adam b2 (adam, adamw, adaptopt)")
+    g.add_argument("--eps", type=float, default=None, help="denominator epsilon")
+    g.add_argument("--momentum", type=float, default=None, help="SGD momentum (sgd, momentum)")
+    g.add_argument("--no_adaptive_lr", action="store_true", help="adaptopt: switch off the hypergradient LR scale")
+    g.add_argument("--hypergrad_rate", type=float, default=None, help="adaptopt: max relative LR-scale change per step")
+    g.add_argument("--no_adaptive_momentum", action="store_true", help="adaptopt: switch off adaptive b1")
+    g.add_argument("--momentum_rate", type=float, default=None, help="adaptopt: how strongly b1 follows the path")
+    g.add_argument("--fused_optimizer", action="store_true",
+                   help="adaptopt: torch.compile-d single-pass update (faster; compiles on the first step)")
+
+    g = parser.add_argument_group("learning-rate schedule")
+    g.add_argument("--lr_scheduler", default="linear", choices=SCHEDULES, help="schedule after warmup")
+    g.add_argument("--warmup_ratio", type=float, default=0.1, help="warmup as a fraction of the updates")
+    g.add_argument("--num_warmup_steps", type=int, default=None, help="warmup in updates (overrides --warmup_ratio)")
+    g.add_argument("--gamma", type=float, default=0.999, help="exponential schedule: lr_t = lr * gamma^t, per update")
+    g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine/cyclical floor, as a fraction of lr")
+    g.add_argument("--cycle_steps", type=int, default=None, help="cyclical: updates per half cycle")
+    g.add_argument("--plateau_patience", type=int, default=1, help="plateau: evaluations without improvement")
+    g.add_argument("--plateau_factor", type=float, default=0.5, help="plateau: LR multiplier on a stall")
+
+    g = parser.add_argument_group("gradient clipping")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="global L2-norm threshold; 0 disables")
+    g.add_argument("--adaptive_clip", action="store_true",
+                   help="ZClip threshold from the norm's running mean/std (max_grad_norm applies during its warmup)")
+
+    g = parser.add_argument_group("training length and batches")
+    g.add_argument("--per_device_train_batch_size", type=int, default=32, help="examples per process per step")
+    g.add_argument("--per_device_eval_batch_size", type=int, default=64, help="examples per process per eval step")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per update")
+    g.add_argument("--num_train_epochs", type=float, default=3, help="epochs (ignored if --max_train_steps is set)")
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer updates in total")
+    g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("evaluation, checkpoints, tracking")
+    g.add_argument("--output_dir", required=True, help="where results.json, checkpoints and the model go")
+    g.add_argument("--eval_steps", type=int, default=0, help="evaluate every N updates (0: at the end of each epoch)")
+    g.add_argument("--checkpointing_steps", default=None,
+                   help="save a checkpoint every N updates, or 'epoch' (default: none)")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="complete checkpoints to keep (oldest go)")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="a checkpoint folder, or 'latest' (newest in --output_dir; starts fresh if none)")
+    g.add_argument("--with_tracking", action="store_true", help="log metrics through accelerate trackers")
+    g.add_argument("--report_to", default="tensorboard", help="accelerate tracker(s): tensorboard, wandb, all, ...")
+    g.add_argument("--logging_steps", type=int, default=10, help="log loss/lr/grad-norm every N updates")
+    g.add_argument("--save_model", action="store_true", help="write the final model (safetensors) to output_dir/model")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="allow code from the model repository to run (off by default: it is arbitrary code)")
+
+    g = parser.add_argument_group("LoRA (peft)")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    g.add_argument("--lora_r", type=int, default=8, help="adapter rank")
+    g.add_argument("--lora_alpha", type=int, default=16, help="adapter scaling numerator (scale = alpha / r)")
+    g.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the adapter input")
+    g.add_argument("--lora_target_modules", nargs="+", default=None, help="module names (default: per architecture)")
+
+
+def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Conflicts and ranges a user can get wrong; parser.error prints usage and exits with status 2."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be >= 1 (got {args.max_train_steps})")
+    if args.max_train_steps is None and not args.num_train_epochs > 0:
+        parser.error(f"--num_train_epochs must be > 0 (got {args.num_train_epochs})")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        parser.error(f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if args.max_grad_norm < 0:
+        parser.error(f"--max_grad_norm must be >= 0 (0 disables clipping; got {args.max_grad_norm})")
+    if args.optimizer != "adaptopt":
+        used = [f for f in ("no_adaptive_lr", "no_adaptive_momentum", "fused_optimizer") if getattr(args, f)]
+        used += [f for f in ("hypergrad_rate", "momentum_rate") if getattr(args, f) is not None]
+        if used:
+            parser.error(f"--{', --'.join(used)} only apply to --optimizer adaptopt (got --optimizer {args.optimizer})")
+    if args.lr_scheduler == "cyclical" and not args.cycle_steps:
+        parser.error("--lr_scheduler cyclical needs --cycle_steps (updates per half cycle)")
+    cs = args.checkpointing_steps
+    if cs is not None and cs != "epoch" and not (cs.isdigit() and int(cs) > 0):
+        parser.error(f"--checkpointing_steps must be a positive integer or 'epoch' (got {cs!r})")
+
+
+def optimizer_from_args(args: argparse.Namespace, model):
+    hp = dict(lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.eps)
+    if args.optimizer in ("adam", "adamw", "adaptopt") and (args.beta1 is not None or args.beta2 is not None):
+        _, defaults = OPTIMIZERS[args.optimizer]
+        b1, b2 = defaults["betas"]
+        hp["betas"] = (args.beta1 if args.beta1 is not None else b1, args.beta2 if args.beta2 is not None else b2)
+    if args.optimizer in ("sgd", "momentum"):
+        hp["momentum"] = args.momentum
+    if args.optimizer == "adaptopt":
+        hp.update(adaptive_lr=not args.no_adaptive_lr, adaptive_momentum=not args.no_adaptive_momentum,
+                  hypergrad_rate=args.hypergrad_rate, momentum_rate=args.momentum_rate,
+                  fused=args.fused_optimizer or None)
+    return build_optimizer(args.optimizer, model, max_grad_norm=args.max_grad_norm or None,
+                           adaptive_clip=args.adaptive_clip, **hp)
+
+
+def scheduler_from_args(args: argparse.Namespace, optimizer, total_steps: int):
+    from .schedules import Plateau
+
+    warmup = args.num_warmup_steps if args.num_warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
+    plateau = Plateau(mode="max", factor=args.plateau_factor, patience=args.plateau_patience) \
+        if args.lr_scheduler == "plateau" else None
+    return build_scheduler(optimizer, args.lr_scheduler, total_steps=total_steps, warmup_steps=warmup,
+                           gamma=args.gamma, min_ratio=args.min_lr_ratio, half_cycle_steps=args.cycle_steps,
+                           plateau=plateau)
+
+
+def effective_lr(optimizer) -> float:
+    """The LR the last update used: the scheduled lr times AdaptOpt's adaptive scale, if any."""
+    group = optimizer.param_groups[0]
+    return group["lr"] * (group.get("lr_scale", 1.0) if group.get("adaptive_lr") else 1.0)

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real GLUE files, a tiny randomly initialised BERT, and a recipe launcher."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    path = Path(os.environ.get("GLUE_DIR") or REPO.parent / "shared" / "data" / "glue")
+    if not (path / "MRPC" / "dev.tsv").is_file():
+        pytest.skip(f"real GLUE data not found at {path} (set GLUE_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and the real MiniLM WordPiece tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from adaptopt.models import default_model_path
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out, safe_serialization=True)  # a body, as a pretrained checkpoint is
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def launch(script: str, args: list[str], *, processes: int = 1, timeout: int = 600, env: dict | None = None):
+    """Runs ``accelerate launch`` on a recipe as a user would; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    if processes > 1:  # CPU DDP over gloo (ENVIRONMENT.md: --cpu starts only one process)
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
+        run_env["ACCELERATE_USE_CPU"] = "true"
+    else:
+        cmd += ["--num_processes", "1", "--cpu"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
