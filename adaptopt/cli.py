@@ -9,7 +9,7 @@ import argparse
 import math
 
 from .registry import OPTIMIZERS, build_optimizer
-from .schedules import SCHEDULES, build_scheduler
+from .schedules import SCHEDULES, Plateau, build_scheduler
 
 
 def add_optimization_args(parser: argparse.ArgumentParser) -> None:
@@ -119,8 +119,6 @@ def optimizer_from_args(args: argparse.Namespace, model):
 
 
 def scheduler_from_args(args: argparse.Namespace, optimizer, total_steps: int):
-    from .schedules import Plateau
-
     warmup = args.num_warmup_steps if args.num_warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
     plateau = Plateau(mode="max", factor=args.plateau_factor, patience=args.plateau_patience) \
         if args.lr_scheduler == "plateau" else None

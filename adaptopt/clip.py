@@ -27,7 +27,7 @@ reaches the parameters.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -200,7 +200,3 @@ def attach_state(optimizer: torch.optim.Optimizer, clipper: GradClipper) -> None
 
     optimizer.register_state_dict_post_hook(save)
     optimizer.register_load_state_dict_pre_hook(load)
-
-
-def grads_of(params: Iterable[Tensor]) -> list[Tensor]:
-    return [p.grad for p in params if p.grad is not None]

@@ -1,0 +1,100 @@
+"""Training throughput of recipes/glue.py against HF transformers' own Trainer, measured in one run.
+
+Both fine-tune the same model (default: the embedded all-MiniLM-L6-v2) on the same SST-2 training
+subsample with the same batch size, sequence handling (truncate to --max_length, dynamic padding per
+batch), precision (fp32), seed and number of optimizer updates, in one process on this machine. The
+Trainer uses its default optimizer (torch AdamW); the recipe runs once with adamw and once with
+adaptopt. Throughput is training samples per second of wall time in the training loop (evaluation
+and checkpointing excluded for both).
+
+    HF_HUB_OFFLINE=1 python benchmarks/glue_throughput.py --data_dir ../shared/data/glue --steps 150
+
+The last line states the recipe's (adaptopt) samples/s as a ratio to the Trainer's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def hf_trainer_samples_per_second(args) -> float:
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+
+    from adaptopt.data.glue import load_glue
+    from adaptopt.models import resolve_model
+
+    path = resolve_model(args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train = load_glue("sst2", data_dir=args.data_dir)["train"].shuffle(seed=args.seed).select(range(args.train_samples))
+    train = train.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=args.max_length), batched=True,
+                      remove_columns=["sentence", "idx"])
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+            learning_rate=5e-5, warmup_ratio=0.1, lr_scheduler_type="linear", max_grad_norm=1.0, seed=args.seed,
+            use_cpu=True, report_to=[], save_strategy="no", eval_strategy="no", logging_steps=10**9,
+            dataloader_num_workers=0, disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer))
+        start = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - start
+    return args.steps * args.batch_size / elapsed
+
+
+def recipe_samples_per_second(args, optimizer: str) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "recipes" / "glue.py"),
+               "--task_name", "sst2", "--data_dir", args.data_dir, "--output_dir", out, "--optimizer", optimizer,
+               "--max_train_samples", str(args.train_samples), "--max_train_steps", str(args.steps),
+               "--per_device_train_batch_size", str(args.batch_size), "--max_length", str(args.max_length),
+               "--seed", str(args.seed), "--max_eval_samples", "64", "--logging_steps", "50"]
+        if args.model_name_or_path:
+            cmd += ["--model_name_or_path", args.model_name_or_path]
+        subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        return json.loads((Path(out) / "results.json").read_text())["train_samples_per_second"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=os.environ.get("GLUE_DIR"), help="GLUE TSV root (default $GLUE_DIR)")
+    parser.add_argument("--model_name_or_path", default=None, help="default: embedded all-MiniLM-L6-v2")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer updates per run")
+    parser.add_argument("--train_samples", type=int, default=8000, help="SST-2 training subsample")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    if not args.data_dir:
+        parser.error("pass --data_dir or set GLUE_DIR")
+
+    figures = {"hf_trainer_adamw": hf_trainer_samples_per_second(args)}
+    for optimizer in ("adamw", "adaptopt"):
+        figures[f"recipe_{optimizer}"] = recipe_samples_per_second(args, optimizer)
+    anchor = figures["hf_trainer_adamw"]
+    print(f"SST-2, {args.steps} updates x batch {args.batch_size}, max_length {args.max_length}, fp32, 1 process")
+    for name, value in figures.items():
+        print(f"{name:>20}: {value:8.1f} samples/s   ({value / anchor:.2f}x HF Trainer)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(vars(args), **figures), indent=2))
+    print(f"recipes/glue.py (adaptopt) / HF Trainer = {figures['recipe_adaptopt'] / anchor:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
