@@ -38,7 +38,8 @@ def tiny_bert(tmp_path_factory) -> Path:
     return out
 
 
-def launch(script: str, args: list[str], *, processes: int = 1, timeout: int = 600, env: dict | None = None):
+def launch(script: str, args: list[str], *, processes: int = 1, timeout: int = 600, env: dict | None = None,
+           mixed_precision: str = "no"):
     """Runs ``accelerate launch`` on a recipe as a user would; returns the CompletedProcess."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     run_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
@@ -47,7 +48,7 @@ def launch(script: str, args: list[str], *, processes: int = 1, timeout: int = 6
         run_env["ACCELERATE_USE_CPU"] = "true"
     else:
         cmd += ["--num_processes", "1", "--cpu"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / script), *args]
+    cmd += ["--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(REPO / script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")

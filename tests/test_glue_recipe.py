@@ -127,3 +127,19 @@ def test_bad_input_stops_before_training_with_a_clear_message(case, glue_dir, ti
         err = _fails(["--task_name", "rte", "--data_dir", str(glue_dir), "--checkpointing_steps", "often", *base],
                      capsys)
         assert "--checkpointing_steps must be a positive integer or 'epoch'" in err
+
+
+def test_lora_trains_only_adapters_and_head(glue_dir, tiny_bert, tmp_path):
+    out = tmp_path / "lora"
+    launch("recipes/glue.py", common(glue_dir, tiny_bert, out, "--max_train_steps", "3", "--lora", "--lora_r", "4"))
+    r = results(out)
+    # rank-4 adapters on q/k/v of 2 layers + the 2-class head: a small fraction of the 1M-parameter model
+    assert 0 < r["trainable_parameters"] < 0.05 * r["parameters"]
+
+
+def test_fp16_mixed_precision_comes_from_the_launch_config(glue_dir, tiny_bert, tmp_path):
+    out = tmp_path / "fp16"
+    launch("recipes/glue.py", common(glue_dir, tiny_bert, out, "--max_train_steps", "4"), mixed_precision="fp16")
+    r = results(out)
+    assert r["mixed_precision"] == "fp16" and r["completed_steps"] == 4
+    assert 0.0 <= r["accuracy"] <= 1.0
