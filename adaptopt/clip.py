@@ -167,7 +167,9 @@ class GradClipper:
         optimizer.grad_clipper = self
 
         def pre_step(opt, args, kwargs):
-            if args[1:] or kwargs.get("closure") is not None:  # args[0] is the optimizer itself
+            # args[0] is the optimizer itself; accelerate passes closure=None positionally
+            closure = args[1] if len(args) > 1 else kwargs.get("closure")
+            if closure is not None:
                 raise RuntimeError(
                     "gradient clipping is attached to this optimizer, and clipping needs the gradients "
                     "before step(): call loss.backward() and then step() without a closure"

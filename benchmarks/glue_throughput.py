@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def hf_trainer_samples_per_second(args) -> float:
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
             output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-            learning_rate=5e-5, warmup_ratio=0.1, lr_scheduler_type="linear", max_grad_norm=1.0, seed=args.seed,
+            learning_rate=5e-5, warmup_steps=math.ceil(0.1 * args.steps), lr_scheduler_type="linear", max_grad_norm=1.0, seed=args.seed,
             use_cpu=True, report_to=[], save_strategy="no", eval_strategy="no", logging_steps=10**9,
             dataloader_num_workers=0, disable_tqdm=True,
         )
@@ -65,8 +66,9 @@ def recipe_samples_per_second(args, optimizer: str) -> float:
                "--seed", str(args.seed), "--max_eval_samples", "64", "--logging_steps", "50"]
         if args.model_name_or_path:
             cmd += ["--model_name_or_path", args.model_name_or_path]
-        subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"recipe run failed ({optimizer}):\n{proc.stderr[-4000:]}")
         return json.loads((Path(out) / "results.json").read_text())["train_samples_per_second"]
 
 

@@ -87,6 +87,15 @@ def test_attached_clipper_clips_a_baseline_and_checkpoints_its_state():
     assert opt2.grad_clipper.warmup_norms == [1.0]
 
 
+def test_attached_clipper_accepts_an_explicit_none_closure():
+    """accelerate's AcceleratedOptimizer calls optimizer.step(None): that is not a closure."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer("sgd", [p], lr=1.0, max_grad_norm=1.0)
+    p.grad = torch.tensor([3.0, 4.0])
+    opt.step(None)
+    assert torch.allclose(p.detach(), torch.tensor([-0.6, -0.8]))
+
+
 def test_attached_clipper_refuses_closures():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = build_optimizer("adamw", [p], max_grad_norm=1.0)
