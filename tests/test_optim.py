@@ -7,7 +7,8 @@ import torch
 from adaptopt import AdaptOpt
 from adaptopt._reference import ReferenceAdaptOpt
 
-SHAPES = [(7, 5), (5,), (3, 4, 2), (1,)]
+# Repeated sizes put several tensors in one compiled chunk (functional._equal_size_chunks).
+SHAPES = [(7, 5), (5,), (3, 4, 2), (1,), (5,), (5, 7), (1,), (5,)]
 IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
 IMPL_IDS = ["single_tensor", "foreach", "compiled"]
 
