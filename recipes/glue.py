@@ -159,7 +159,7 @@ def peak_memory_mb(accelerator) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(args, raw, model_path: str) -> dict:
+def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
@@ -220,7 +220,6 @@ def train(args, raw, model_path: str) -> dict:
         accelerator.init_trackers("glue", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     completed_steps, start_epoch, batches_done = 0, 0, 0
-    checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         progress = load_progress(checkpoint)
@@ -357,11 +356,12 @@ def main(argv=None) -> dict:
     try:
         model_path = resolve_model(args.model_name_or_path)
         raw = load_data(args)
-    except (GlueDataError, ModelNotFoundError) as err:
+        checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    except (GlueDataError, ModelNotFoundError, FileNotFoundError) as err:
         # A user's input, not our bug: one clear line instead of a stack trace.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    return train(args, raw, model_path)
+    return train(args, raw, model_path, checkpoint)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def write_task(root: Path, name: str, header: str, rows: list[str]) -> Path:
 
 
 @pytest.mark.parametrize("case", ["unknown_task", "no_data", "missing_dir", "malformed", "bad_label",
-                                  "model_missing", "two_sources", "no_train_split", "bad_checkpointing"])
+                                  "model_missing", "two_sources", "no_train_split", "bad_checkpointing",
+                                  "incomplete_checkpoint"])
 def test_bad_input_stops_before_training_with_a_clear_message(case, glue_dir, tiny_bert, tmp_path, capsys,
                                                               monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)
@@ -129,6 +130,12 @@ def test_bad_input_stops_before_training_with_a_clear_message(case, glue_dir, ti
         err = _fails(["--task_name", "rte", "--data_dir", str(glue_dir), "--checkpointing_steps", "often", *base],
                      capsys)
         assert "--checkpointing_steps must be a positive integer or 'epoch'" in err
+    elif case == "incomplete_checkpoint":
+        half = tmp_path / "out" / "checkpoints" / "step_00000004.tmp"  # a write that crashed
+        half.mkdir(parents=True)
+        err = _fails(["--task_name", "rte", "--data_dir", str(glue_dir), "--resume_from_checkpoint", str(half),
+                      *base], capsys)
+        assert "not a complete checkpoint" in err
 
 
 def test_lora_trains_only_adapters_and_head(glue_dir, tiny_bert, tmp_path):
