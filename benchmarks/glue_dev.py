@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# task -> (published MiniLM-L6-H384 dev figure quoted by the issue, our target, metric) and extra args
+# task -> the metric the issue sets a target on, that target, and extra recipe arguments
 TASKS = {
     "sst2": dict(metric="accuracy", target=0.89, extra=["--max_train_samples", "20000"]),
     "mrpc": dict(metric="f1", target=0.87, extra=[]),

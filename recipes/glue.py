@@ -77,9 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "or --train_file/--validation_file, or --dataset_name nyu-mll/glue")
     if args.train_file and not args.validation_file:
         parser.error("--train_file needs --validation_file (the dev metrics are the result)")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
-            and not Path(args.resume_from_checkpoint).is_dir():
-        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder")
     return args
 
 
@@ -271,13 +268,14 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
                 optimizer.zero_grad()
             batch_in_epoch += 1
             samples_seen += batch["labels"].shape[0] * accelerator.num_processes
-            loss_sum, loss_count = loss_sum + loss.detach().float().item(), loss_count + 1
+            # a tensor sum: reading it (a device sync) happens only when a log line is written
+            loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
             progress_bar.update(1)
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
-                stats = {"train/loss": loss_sum / loss_count, "train/lr": cli.effective_lr(base_optimizer)}
+                stats = {"train/loss": float(loss_sum) / loss_count, "train/lr": cli.effective_lr(base_optimizer)}
                 if clipper is not None:
                     stats.update({"train/grad_norm": clipper.last_norm, "train/nonfinite_steps": clipper.nonfinite_steps})
                 if args.optimizer == "adaptopt":
