@@ -39,6 +39,7 @@ class ReferenceAdaptOpt:
         self.adaptive_momentum, self.mu, self.b1_max = adaptive_momentum, momentum_rate, beta1_max
         self.c = max_grad_norm
         self.s = 1.0  # LR scale s_t
+        self.s_used = 1.0  # the scale the last step used
         self.cos = 0.0  # c_{t-1}
         self.b1_prod = 1.0  # prod of the b1_i used so far
 
@@ -64,6 +65,7 @@ class ReferenceAdaptOpt:
         self.b1_prod = self.b1_prod * b1 if self.adaptive_momentum else self.b1**self.t
         m_hat = self.m / (1 - self.b1_prod)
         v_hat = self.v / (1 - self.b2**self.t)
+        self.s_used = self.s
         lr_t = lr * (self.s if self.adaptive_lr else 1.0)
         self.theta = self.theta * (1 - lr_t * self.wd) - lr_t * m_hat / (torch.sqrt(v_hat) + self.eps)
         # c_t, then rule (2) for the next step's scale

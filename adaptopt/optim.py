@@ -45,6 +45,13 @@ saved with ``state_dict``). Clipping keeps a few floats (clip.GradClipper).
 Sharded statistics: under ZeRO each rank holds a slice of every group; pass ``reduce_fn`` (sums a
 float64 tensor over the data-parallel group) so that c_t and the clipping norm are global. Plain data
 parallel needs none (every rank sees the full, identical gradients).
+
+Deferred statistics: a step leaves its local sums [g·u, g·g, u·u] in the group (``pending_stats``); the
+group's *next* step reduces them over shards and applies rules (2) and (3) before its update. c_t is
+used one step late anyway, and deferring is what makes the statistic right under DeepSpeed, which calls
+``step()`` once per param group (ZeRO-1/2) or once per sub-group (ZeRO-3 splits groups larger than
+``sub_group_size``): the sub-groups of one step (recognised by the same step number) add their sums
+before the cosine is taken. So after ``step()``, ``group["lr_scale"]`` is the scale that step used.
 """
 from __future__ import annotations
 
@@ -127,6 +134,9 @@ class AdaptOpt(torch.optim.Optimizer):
             foreach=foreach, fused=fused,
             # Run-wide scalars live in the group so that state_dict() carries them.
             lr_scale=1.0, path_cos=0.0,
+            # This group's local statistics of the last step, folded into path_cos/lr_scale when the next
+            # step starts (see "Deferred statistics" in the module docstring).
+            pending_stats=None, pending_step=None,
         )
         super().__init__(params, defaults)
         self.reduce_fn = reduce_fn
@@ -179,9 +189,13 @@ class AdaptOpt(torch.optim.Optimizer):
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, states = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, states)
-            want_stats = group["adaptive_lr"] or group["adaptive_momentum"]
-            if not params and not (want_stats and self.reduce_fn is not None):
+            if not params:  # e.g. ZeRO-3 empties every group but the sub-group it is stepping
                 continue
+            want_stats = group["adaptive_lr"] or group["adaptive_momentum"]
+            # The step number this call performs (the same for every sub-group DeepSpeed steps separately).
+            step_no = max(float(state["step"]) for state in states) + 1
+            if want_stats and group.get("pending_step") not in (None, step_no):
+                self._adapt(group)  # c_{t-1} from the previous step, before it sets this step's b1 and lr
             beta1, beta2 = self.current_beta1(group), group["betas"][1]
             lr = group["lr"] * (group["lr_scale"] if group["adaptive_lr"] else 1.0)
             scalars = [self._scalars(group, state, beta1, beta2, lr) for state in states]
@@ -192,9 +206,10 @@ class AdaptOpt(torch.optim.Optimizer):
                 beta2=beta2, eps=group["eps"], want_stats=want_stats,
             )
             if want_stats:
-                if stats is None:  # this rank holds nothing of the group but must join the reduce
-                    stats = torch.zeros(3, dtype=torch.float64)
-                self._adapt(group, stats)
+                local = [float(x) for x in stats]
+                if group.get("pending_step") == step_no:  # another sub-group of this group, same step
+                    local = [a + b for a, b in zip(group["pending_stats"], local)]
+                group["pending_stats"], group["pending_step"] = local, step_no
         return loss
 
     @staticmethod
@@ -218,8 +233,11 @@ class AdaptOpt(torch.optim.Optimizer):
             bias_correction2_prev_sqrt=bias_correction2_sqrt(beta2, step - 1),
         )
 
-    def _adapt(self, group: dict, stats: Tensor) -> None:
-        """Rules (2) and (3): update the group's path cosine and LR scale from [g·u, g·g, u·u]."""
+    def _adapt(self, group: dict) -> None:
+        """Rules (2) and (3): turn the previous step's pending sums [g·u, g·g, u·u] into the group's path
+        cosine and LR scale (summed over shards first: every rank calls this at the same point)."""
+        stats = torch.tensor(group["pending_stats"], dtype=torch.float64)
+        group["pending_stats"], group["pending_step"] = None, None
         if self.reduce_fn is not None:
             stats = self.reduce_fn(stats)
         gu, gg, uu = (float(x) for x in stats)

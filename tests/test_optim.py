@@ -75,9 +75,37 @@ def test_matches_float64_reference(impl, adaptive_lr, adaptive_momentum, max_gra
     for a, b in zip(params, expected):
         torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
     group = opt.param_groups[0]
-    assert group["lr_scale"] == pytest.approx(ref.s, rel=1e-9)
+    assert group["lr_scale"] == pytest.approx(ref.s_used, rel=1e-9)  # the scale the last step used
     if adaptive_lr:
         assert group["lr_scale"] != 1.0  # the adaptive rule really moved the scale
+
+
+def test_stepping_sub_groups_separately_as_deepspeed_does_matches_one_step():
+    """DeepSpeed calls step() once per param group (ZeRO-1/2) and, under ZeRO-3, once per sub-group with
+    the other groups emptied. The deferred statistics must make that identical to one step() over all."""
+    init = make_params()
+    hp = dict(ADAPTIVE, max_grad_norm=None)  # under DeepSpeed the engine clips, before step()
+    whole = [p.clone().requires_grad_() for p in init]
+    split = [p.clone().requires_grad_() for p in init]
+    opt_whole = AdaptOpt([{"params": whole[:5]}, {"params": whole[5:], "weight_decay": 0.0}], **hp)
+    opt_split = AdaptOpt([{"params": split[:5]}, {"params": split[5:], "weight_decay": 0.0}], **hp)
+    sub_groups = [(0, split[:2]), (0, split[2:5]), (1, split[5:])]  # group 0 in two sub-groups
+    for grads_of in grad_stream(init, 60):
+        for ps in (whole, split):
+            for p, g in zip(ps, grads_of(ps)):
+                p.grad = g
+        opt_whole.step()
+        saved = [g["params"] for g in opt_split.param_groups]
+        for group_no, sub in sub_groups:
+            for i, group in enumerate(opt_split.param_groups):
+                group["params"] = sub if i == group_no else []
+            opt_split.step()
+        for group, params in zip(opt_split.param_groups, saved):
+            group["params"] = params
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for ga, gb in zip(opt_whole.param_groups, opt_split.param_groups):
+        assert ga["lr_scale"] == pytest.approx(gb["lr_scale"], rel=1e-12) and ga["lr_scale"] != 1.0
 
 
 def test_adaptive_parts_change_the_trajectory():
