@@ -35,6 +35,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, progress: dict, keep_la
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    # Under DeepSpeed every rank writes its own shard files: none may still be writing at the rename.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
         if final.exists():  # re-saving the same step (e.g. a signal right after a scheduled save)

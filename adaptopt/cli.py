@@ -43,6 +43,9 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="global L2-norm threshold; 0 disables")
     g.add_argument("--adaptive_clip", action="store_true",
                    help="ZClip threshold from the norm's running mean/std (max_grad_norm applies during its warmup)")
+    g.add_argument("--max_consecutive_skipped_steps", type=int, default=20,
+                   help="stop (keeping the last checkpoint) after this many updates in a row were skipped for an "
+                        "inf/NaN gradient (fp16 overflow, a NaN loss)")
 
     g = parser.add_argument_group("training length and batches")
     g.add_argument("--per_device_train_batch_size", type=int, default=32, help="examples per process per step")
@@ -88,6 +91,8 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--num_train_epochs must be > 0 (got {args.num_train_epochs})")
     if not 0.0 <= args.warmup_ratio < 1.0:
         parser.error(f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if args.max_consecutive_skipped_steps < 1:
+        parser.error(f"--max_consecutive_skipped_steps must be >= 1 (got {args.max_consecutive_skipped_steps})")
     if args.max_grad_norm < 0:
         parser.error(f"--max_grad_norm must be >= 0 (0 disables clipping; got {args.max_grad_norm})")
     if args.optimizer != "adaptopt":
@@ -102,7 +107,8 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--checkpointing_steps must be a positive integer or 'epoch' (got {cs!r})")
 
 
-def optimizer_from_args(args: argparse.Namespace, model):
+def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True):
+    """The optimizer the flags describe. ``clip=False`` when something else clips (DeepSpeed's engine)."""
     hp = dict(lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.eps)
     if args.optimizer in ("adam", "adamw", "adaptopt") and (args.beta1 is not None or args.beta2 is not None):
         _, defaults = OPTIMIZERS[args.optimizer]
@@ -114,8 +120,8 @@ def optimizer_from_args(args: argparse.Namespace, model):
         hp.update(adaptive_lr=not args.no_adaptive_lr, adaptive_momentum=not args.no_adaptive_momentum,
                   hypergrad_rate=args.hypergrad_rate, momentum_rate=args.momentum_rate,
                   fused=args.fused_optimizer or None)
-    return build_optimizer(args.optimizer, model, max_grad_norm=args.max_grad_norm or None,
-                           adaptive_clip=args.adaptive_clip, **hp)
+    return build_optimizer(args.optimizer, model, max_grad_norm=(args.max_grad_norm or None) if clip else None,
+                           adaptive_clip=args.adaptive_clip and clip, **hp)
 
 
 def scheduler_from_args(args: argparse.Namespace, optimizer, total_steps: int):

@@ -116,20 +116,28 @@ class GradClipper:
 
     def clip_(self, grads: list[Tensor]) -> float:
         """Clips ``grads`` in place; returns the pre-clip global norm. Sets ``last_finite``."""
+        factor = self.factor_for_norm(float(global_grad_norm(grads, self.reduce_fn)))
+        if self.last_finite and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+        return self.last_norm
+
+    def factor_for_norm(self, norm: float) -> float:
+        """The clipping factor for a global norm, recorded (``last_norm``, ``last_threshold``,
+        ``last_finite``) with the running state updated as a clipping step does (the ZClip EMA sees the
+        post-clip norm). Also for a norm measured elsewhere, e.g. by the DeepSpeed engine, which clips ZeRO
+        shards itself (adaptopt.distributed). NaN when the norm is not finite: the caller skips the step."""
         threshold = self.threshold()
-        norm = float(global_grad_norm(grads, self.reduce_fn))
         self.last_norm, self.last_threshold = norm, threshold
         self.last_finite = math.isfinite(norm)
         if not self.last_finite:
             self.nonfinite_steps += 1
-            return norm
-        clipped = norm
+            return math.nan
+        factor, clipped = 1.0, norm
         if threshold is not None and norm > threshold:
-            torch._foreach_mul_(grads, threshold / norm)
-            clipped = threshold
+            factor, clipped = threshold / norm, threshold
         if self.adaptive:
             self._observe(clipped)
-        return norm
+        return factor
 
     def _observe(self, norm: float) -> None:
         if self.mean is None:

@@ -171,9 +171,21 @@ class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
 
     def _count_update(self, optimizer, args, kwargs) -> None:
         # AdaptOpt returns early on a non-finite gradient norm; a baseline's clip hook drops the grads.
+        # A step() without any gradient updated nothing (e.g. DeepSpeed's state-initialising call).
         clipper = getattr(optimizer, "grad_clipper", None)
-        if clipper is None or clipper.last_finite:
+        has_grads = any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
+        if has_grads and (clipper is None or clipper.last_finite):
             self.applied_steps += 1
+
+    def count_updates_externally(self) -> None:
+        """Stop counting ``optimizer.step()`` calls; the caller reports each applied update through
+        ``record_update()``. For DeepSpeed ZeRO, which calls ``step()`` once per param group (ZeRO-1/2) or
+        sub-group (ZeRO-3) per update, and knows itself whether an update applied."""
+        self._hook.remove()
+
+    def record_update(self) -> None:
+        """One applied optimizer update (see ``count_updates_externally``)."""
+        self.applied_steps += 1
 
     def get_lr(self) -> list[float]:
         multiplier = self.schedule(self.applied_steps)

@@ -35,8 +35,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from adaptopt import cli  # noqa: E402
+from adaptopt.check import ConfigError, RecipeSettings, check_launch_env  # noqa: E402
 from adaptopt.checkpointing import load_progress, resolve_resume, save_checkpoint  # noqa: E402
 from adaptopt.data.glue import GLUE_TASKS, GlueDataError, glue_dir_from_env, load_glue  # noqa: E402
+from adaptopt.distributed import DeepSpeedRun, fix_cpu_deepspeed_state  # noqa: E402
+from adaptopt.skipped import TooManySkippedUpdates, UpdateMonitor  # noqa: E402
 from adaptopt.models import ModelNotFoundError, resolve_model  # noqa: E402
 
 logger = get_logger(__name__)
@@ -157,6 +160,7 @@ def peak_memory_mb(accelerator) -> float:
 
 
 def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
+    fix_cpu_deepspeed_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
@@ -165,6 +169,8 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     args.mixed_precision = accelerator.mixed_precision
+    # Under DeepSpeed: who clips, and the JSON's "auto" clipping set to ours (adaptopt/distributed.py).
+    ds_run = DeepSpeedRun.from_accelerator(accelerator, args.max_grad_norm or None, args.adaptive_clip)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     if not accelerator.is_local_main_process:  # one copy of library chatter, not one per rank
         import datasets
@@ -196,7 +202,8 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
 
     train_dl, eval_dls = build_dataloaders(args, raw, tokenizer)
 
-    optimizer = cli.optimizer_from_args(args, model)
+    optimizer = cli.optimizer_from_args(args, model, clip=ds_run is None or ds_run.optimizer_clips)
+    base_optimizer = optimizer  # the torch optimizer itself: prepare() wraps it (in DeepSpeed's wrapper too)
     # Updates per epoch as each process will see them after prepare() shards the data.
     updates_per_epoch = math.ceil(math.ceil(len(train_dl) / accelerator.num_processes) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -204,9 +211,16 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     scheduler = cli.scheduler_from_args(args, optimizer, args.max_train_steps)
 
+    base_scheduler = scheduler
+    if ds_run is not None:
+        ds_run.guard(base_optimizer)
     model, optimizer, train_dl, scheduler, *eval_list = accelerator.prepare(
         model, optimizer, train_dl, scheduler, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, eval_list))
+    if ds_run is not None:
+        ds_run.attach(model, base_optimizer, base_scheduler)
+        logger.info(f"DeepSpeed ZeRO-{ds_run.stage}, clipping by the "
+                    f"{'optimizer' if ds_run.optimizer_clips else 'DeepSpeed engine'}")
 
     import evaluate
 
@@ -219,6 +233,8 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
     completed_steps, start_epoch, batches_done = 0, 0, 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        if ds_run is not None:
+            ds_run.after_load()
         progress = load_progress(checkpoint)
         completed_steps, start_epoch, batches_done = (progress["completed_steps"], progress["epoch"],
                                                       progress["batches_in_epoch"])
@@ -227,8 +243,8 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"{len(raw['train'])} training examples, {num_epochs} epochs, {args.max_train_steps} updates "
                 f"of {total_batch} examples; optimizer {args.optimizer}, schedule {args.lr_scheduler}")
-    base_optimizer = optimizer.optimizer  # accelerate's wrapper; the clipper and AdaptOpt scalars live inside
-    clipper = getattr(base_optimizer, "grad_clipper", None)
+    clipper = ds_run.grad_clipper if ds_run is not None else getattr(base_optimizer, "grad_clipper", None)
+    monitor = UpdateMonitor(args.max_consecutive_skipped_steps)
     checkpoint_every = None if args.checkpointing_steps in (None, "epoch") else int(args.checkpointing_steps)
 
     def save(epoch, batches_in_epoch):
@@ -262,7 +278,9 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
         for batch in active:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                accelerator.backward(loss)
+                accelerator.backward(loss)  # under DeepSpeed the engine also steps here, at a boundary
+                if ds_run is not None and accelerator.sync_gradients:
+                    ds_applied = ds_run.after_update()  # before scheduler.step(): it counts applied updates
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -272,12 +290,15 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
             loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
             if not accelerator.sync_gradients:
                 continue
+            # Raises after too many skipped updates in a row, before this update could be checkpointed.
+            monitor.update(applied=ds_applied if ds_run is not None else
+                           not (optimizer.step_was_skipped or (clipper is not None and not clipper.last_finite)))
             completed_steps += 1
             progress_bar.update(1)
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
                 stats = {"train/loss": float(loss_sum) / loss_count, "train/lr": cli.effective_lr(base_optimizer)}
                 if clipper is not None:
-                    stats.update({"train/grad_norm": clipper.last_norm, "train/nonfinite_steps": clipper.nonfinite_steps})
+                    stats.update({"train/grad_norm": clipper.last_norm, "train/skipped_updates": monitor.skipped})
                 if args.optimizer == "adaptopt":
                     group = base_optimizer.param_groups[0]
                     stats.update({"train/lr_scale": group["lr_scale"], "train/beta1": base_optimizer.current_beta1(group)})
@@ -317,7 +338,7 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
         total_batch_size=total_batch, num_processes=accelerator.num_processes,
         mixed_precision=accelerator.mixed_precision, peak_memory_mb=peak_memory_mb(accelerator),
         parameters=n_total, trainable_parameters=n_train,
-        skipped_nonfinite_steps=clipper.nonfinite_steps if clipper is not None else None,
+        skipped_updates=monitor.skipped,
         resumed_from=str(checkpoint) if checkpoint else None,
     )
     if args.with_tracking:
@@ -355,11 +376,17 @@ def main(argv=None) -> dict:
         model_path = resolve_model(args.model_name_or_path)
         raw = load_data(args)
         checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
-    except (GlueDataError, ModelNotFoundError, FileNotFoundError) as err:
+        check_launch_env(RecipeSettings(args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                        args.max_grad_norm or None))
+    except (GlueDataError, ModelNotFoundError, FileNotFoundError, ConfigError) as err:
         # A user's input, not our bug: one clear line instead of a stack trace.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    return train(args, raw, model_path, checkpoint)
+    try:
+        return train(args, raw, model_path, checkpoint)
+    except TooManySkippedUpdates as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -39,18 +39,33 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 def launch(script: str, args: list[str], *, processes: int = 1, timeout: int = 600, env: dict | None = None,
-           mixed_precision: str = "no"):
-    """Runs ``accelerate launch`` on a recipe as a user would; returns the CompletedProcess."""
+           mixed_precision: str = "no", ds_config: str | None = None, check: bool = True):
+    """Runs ``accelerate launch`` on a recipe as a user would; returns the CompletedProcess.
+
+    ``ds_config``: a file in ds_configs/, launched through launch/deepspeed_single_node.yaml.
+    """
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     run_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    if ds_config is not None:
+        cmd += ["--config_file", str(REPO / "launch" / "deepspeed_single_node.yaml"),
+                "--deepspeed_config_file", str(REPO / "ds_configs" / ds_config),
+                "--num_processes", str(processes), "--main_process_port", str(_free_port())]
+        if mixed_precision != "no":
+            cmd += ["--mixed_precision", mixed_precision]
+        cmd += [str(REPO / script), *args]
+        return _run(cmd, run_env, timeout, check)
     if processes > 1:  # CPU DDP over gloo (ENVIRONMENT.md: --cpu starts only one process)
         cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
         run_env["ACCELERATE_USE_CPU"] = "true"
     else:
         cmd += ["--num_processes", "1", "--cpu"]
     cmd += ["--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(REPO / script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
-    if proc.returncode != 0:
+    return _run(cmd, run_env, timeout, check)
+
+
+def _run(cmd, env, timeout, check):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc
 

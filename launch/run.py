@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""``accelerate launch`` that runs the same command on a GPU cluster and on a CPU-only machine.
+
+    python launch/run.py --config_file launch/ddp_single_node.yaml recipes/glue.py --task_name mrpc ...
+    python launch/run.py --config_file launch/deepspeed_single_node.yaml \\
+        --deepspeed_config_file ds_configs/zero3.json recipes/glue.py --task_name mrpc ...
+
+Every argument goes to ``accelerate launch`` unchanged. On a machine with CUDA this only runs it. Without
+CUDA it solves accelerate's two CPU catches (../shared/ENVIRONMENT.md), here and nowhere else:
+
+- plain data parallel (``distributed_type: MULTI_GPU`` in the config, or ``--multi_gpu``): accelerate
+  would start one process (``--cpu`` expects an MPI hostfile). We set ``ACCELERATE_USE_CPU=true``, which
+  keeps the multi-process launcher and gives each process the gloo backend;
+- DeepSpeed: ``ACCELERATE_USE_CPU`` would silently turn DeepSpeed off, so it is not set. DeepSpeed picks
+  its CPU accelerator itself. The recipes fix accelerate's process count at start-up
+  (``adaptopt.distributed.fix_cpu_deepspeed_state``).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def _config_value(argv: list[str], key: str) -> str | None:
+    """``key`` from the yaml given with --config_file (None if there is none or it does not say)."""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config_file" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--config_file=") else None)
+        if path:
+            import yaml
+
+            with open(path) as f:
+                return (yaml.safe_load(f) or {}).get(key)
+    return None
+
+
+def launch_env(argv: list[str], environ: dict, cuda: bool) -> dict:
+    """The environment ``accelerate launch argv`` needs on this machine."""
+    env = dict(environ)
+    if cuda:
+        return env
+    distributed = _config_value(argv, "distributed_type")
+    if "--use_deepspeed" in argv or distributed == "DEEPSPEED":
+        env.pop("ACCELERATE_USE_CPU", None)
+    elif "--multi_gpu" in argv or distributed == "MULTI_GPU":
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    import torch
+
+    env = launch_env(argv, os.environ, torch.cuda.is_available())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""DeepSpeed ZeRO with 2 real processes on CPU (gloo).
+
+- Every registry optimizer is DeepSpeed's client optimizer under each ds_configs/ file (ZeRO 0-3, with
+  offload) in fp32, bf16 and fp16. Each run is held to the single-process PyTorch run of the same global
+  batch (tests/ds_worker.py; one torchrun launch for the whole matrix).
+- recipes/glue.py through ``accelerate launch`` with the ds_configs: ZeRO-2 and ZeRO-3 resume exactly;
+  two "machines" on one host give what one machine with 2 processes gives.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, _free_port, launch
+from test_glue_recipe import common, results
+
+OPTIMIZERS = ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw", "adaptopt"]
+CONFIGS = ["zero0.json", "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"]
+PRECISIONS = ["fp32", "bf16", "fp16"]
+# DeepSpeed replaces a client Adagrad under ZeRO >= 1 (adaptopt.distributed.DeepSpeedRun.guard refuses it)
+CASES = [[o, c, p, ""] for o in OPTIMIZERS for c in CONFIGS for p in PRECISIONS
+         if not (o == "adagrad" and c != "zero0.json")]
+CASES += [["adaptopt", c, "fp32", "adaptive_clip"] for c in ("zero0.json", "zero2.json", "zero3.json")]
+CASES += [[o, c, "fp16", "overflow"] for o, c in
+          (("adaptopt", "zero0.json"), ("adaptopt", "zero2.json"), ("adaptopt", "zero3.json"), ("adamw", "zero2.json"))]
+
+# Stated tolerances. fp32: the same arithmetic up to the order of the gradient all-reduce. bf16/fp16: the
+# forward and backward run in 8/11-bit precision on half batches, so single gradient elements differ.
+# Adam-type updates then differ by up to lr where an element's gradient is near zero. The loss and the
+# global norm still agree closely.
+TOL = {
+    "fp32": dict(param=1e-5, loss=1e-6, norm=1e-6),
+    "bf16": dict(param=None, loss=5e-3, norm=2e-2),
+    "fp16": dict(param=None, loss=5e-3, norm=2e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds") / "cases.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(REPO / "tests" / "ds_worker.py"), "--out", str(out), "--cases", json.dumps(CASES)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return {(r["optimizer"], r["config"], r["precision"], r["extra"]): r for r in rows}
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(filter(None, c)).replace(".json", "") for c in CASES])
+def test_deepspeed_matches_single_process(matrix, case):
+    r = matrix[tuple(case)]
+    tol = TOL[r["precision"]]
+    if tol["param"] is not None:
+        assert r["param_rel_diff"] < tol["param"], r
+    assert abs(r["final_loss"] - r["ref_final_loss"]) <= tol["loss"] * r["ref_final_loss"], r
+    # the logged norm is the true pre-clip global norm over both ranks' shards, every step
+    assert r["norm_rel_diff"] < tol["norm"], r
+    # applied updates, schedule position and optimizer step counts agree with the single-process run
+    assert r["applied"] == r["ref_applied"], r
+    if r["state_steps"]:  # (Adagrad also keeps the step-0 state it made for the fp16 params at construction)
+        assert max(r["state_steps"]) == float(r["ref_applied"]), r
+    if r["extra"] == "overflow":
+        # the overflowed step advanced neither the schedule nor the optimizer's step count
+        assert r["skipped"] == 1 and r["skipped_norm_inf"] and r["applied"] == 4, r
+    else:
+        assert r["skipped"] == 0, r
+
+
+def test_adagrad_under_zero_is_refused_with_the_reason():
+    from adaptopt import build_optimizer
+    from adaptopt.distributed import DeepSpeedRun
+
+    run = DeepSpeedRun(json.loads((REPO / "ds_configs" / "zero2.json").read_text()), 1.0, False)
+    with pytest.raises(ValueError, match="adagrad cannot run under DeepSpeed ZeRO-1/2/3.*zero0.json"):
+        run.guard(build_optimizer("adagrad", torch.nn.Linear(2, 2)))
+
+
+def test_auto_clipping_becomes_the_recipes_value_and_one_side_clips():
+    from adaptopt.distributed import DeepSpeedRun
+
+    z2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    run = DeepSpeedRun(z2, 0.25, False)
+    assert run.config["gradient_clipping"] == 0.25 and not run.optimizer_clips
+    z0 = json.loads((REPO / "ds_configs" / "zero0.json").read_text())
+    for key in ("fp16", "bf16"):
+        z0[key]["enabled"] = False
+    run = DeepSpeedRun(z0, 0.25, False)  # the engine calls our optimizer directly: ours clips, DeepSpeed's is off
+    assert run.config["gradient_clipping"] == 0.0 and run.optimizer_clips
+
+
+def _glue_args(glue_dir, tiny_bert, out, *extra):
+    return common(glue_dir, tiny_bert, out, "--per_device_train_batch_size", "8", *extra)
+
+
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_recipe_resumes_exactly_under_zero(ds_config, glue_dir, tiny_bert, tmp_path):
+    """6 updates with a checkpoint at 3; a new launch resumes from it and ends with the same loss and
+    metrics (model, AdaptOpt's sharded state, the adaptive clipping statistics, LR schedule, data position)."""
+    args = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--adaptive_clip"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch("recipes/glue.py", _glue_args(glue_dir, tiny_bert, full, *args), processes=2, ds_config=ds_config)
+    launch("recipes/glue.py", _glue_args(glue_dir, tiny_bert, resumed, *args, "--resume_from_checkpoint",
+                                         str(full / "checkpoints" / "step_00000003")), processes=2, ds_config=ds_config)
+    a, b = results(full), results(resumed)
+    assert a["num_processes"] == 2 and a["completed_steps"] == b["completed_steps"] == 6
+    for key in ("accuracy", "f1", "train_loss"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+
+
+def test_two_machines_on_one_host_match_one_machine(glue_dir, tiny_bert, tmp_path):
+    """Two accelerate launches with machine_rank 0 and 1 (DeepSpeed's standard multinode launcher) run
+    ZeRO-2 to completion and give the metrics of one machine with 2 processes."""
+    args = ["--max_train_steps", "4"]
+    one = tmp_path / "one"
+    launch("recipes/glue.py", _glue_args(glue_dir, tiny_bert, one, *args), processes=2, ds_config="zero2.json")
+    two = tmp_path / "two"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "launch" / "deepspeed_multi_node.yaml"), "--deepspeed_config_file",
+               str(REPO / "ds_configs" / "zero2.json"), "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               str(REPO / "recipes" / "glue.py"), *_glue_args(glue_dir, tiny_bert, two, *args)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-6000:]
+    a, b = results(one), results(two)
+    assert b["num_processes"] == 2 and b["completed_steps"] == 4
+    for key in ("accuracy", "f1", "train_loss"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+
+
+def test_recipe_rejects_a_bad_deepspeed_config_before_training(glue_dir, tiny_bert, tmp_path):
+    bad = tmp_path / "bad.json"
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config["gradient_clipping"] = 0.5  # the recipe says --max_grad_norm 1.0
+    bad.write_text(json.dumps(config))
+    proc = launch("recipes/glue.py", _glue_args(glue_dir, tiny_bert, tmp_path / "x", "--max_train_steps", "2"),
+                  processes=2, ds_config=str(bad), check=False)
+    assert proc.returncode != 0
+    assert "gradient_clipping is 0.5 in the JSON but the recipe has --max_grad_norm 1.0" in proc.stderr
