@@ -4,8 +4,10 @@ One process (CPU or one GPU):
     accelerate launch recipes/glue.py --task_name mrpc --data_dir $GLUE_DIR --output_dir runs/mrpc
 N processes on one machine (DDP; on a CPU-only machine prefix ACCELERATE_USE_CPU=true):
     accelerate launch --multi_gpu --num_processes 2 recipes/glue.py --task_name mrpc ...
-DeepSpeed ZeRO, several machines: the backend comes from an accelerate config, not from this file:
-    accelerate launch --config_file launch/<config>.yaml recipes/glue.py ...
+DeepSpeed ZeRO (ds_configs/README.md), one or several machines: the backend comes from an accelerate
+config, not from this file (launch/run.py runs the same command on a CPU-only machine):
+    accelerate launch --config_file launch/deepspeed_single_node.yaml \
+        --deepspeed_config_file ds_configs/zero2.json --mixed_precision bf16 recipes/glue.py ...
 
 With no --model_name_or_path, the model is the pip-shipped all-MiniLM-L6-v2 (no hub needed). Data:
 --data_dir (or $GLUE_DIR) in the original GLUE TSV layout, --train_file/--validation_file (csv/json),
