@@ -114,12 +114,11 @@ class GradClipper:
             return self.mean + self.z_thresh * math.sqrt(max(self.var, 0.0))
         return self.max_norm
 
-    def clip_(self, grads: list[Tensor]) -> float:
-        """Clips ``grads`` in place; returns the pre-clip global norm. Sets ``last_finite``."""
-        factor = self.factor_for_norm(float(global_grad_norm(grads, self.reduce_fn)))
-        if self.last_finite and factor != 1.0:
-            torch._foreach_mul_(grads, factor)
-        return self.last_norm
+    def clip_factor(self, grads: list[Tensor]) -> float:
+        """The factor that clips ``grads``, without applying it: measures their global norm and returns
+        ``factor_for_norm(norm)`` (threshold / norm, 1.0, or NaN when the norm is not finite). AdaptOpt's
+        fused path passes it into its compiled update instead of scaling the gradients in place."""
+        return self.factor_for_norm(float(global_grad_norm(grads, self.reduce_fn)))
 
     def factor_for_norm(self, norm: float) -> float:
         """The clipping factor for a global norm, recorded (``last_norm``, ``last_threshold``,
@@ -138,6 +137,13 @@ class GradClipper:
         if self.adaptive:
             self._observe(clipped)
         return factor
+
+    def clip_(self, grads: list[Tensor]) -> float:
+        """Clips ``grads`` in place; returns the pre-clip global norm. Sets ``last_finite``."""
+        factor = self.clip_factor(grads)
+        if self.last_finite and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+        return self.last_norm
 
     def _observe(self, norm: float) -> None:
         if self.mean is None:

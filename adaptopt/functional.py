@@ -121,18 +121,26 @@ def _indices_by_value(values: list[float]) -> dict[float, list[int]]:
 # tensor rather than Python floats, so new values every step reuse the compiled code. Divisions by a
 # scalar are stored as their reciprocal (computed here in float64) so that the loop multiplies instead:
 # on CPU, sqrt and division share one slow unit, which bounds this update once memory is fast enough.
-def _pack_scalars(rows: list[TensorScalars], beta2: float, eps: float, like: Tensor) -> Tensor:
+def _pack_scalars(rows: list[TensorScalars], beta2: float, eps: float, like: Tensor,
+                  grad_scale: float = 1.0) -> Tensor:
     values = [
         [s.step_size, s.decay, 1 - s.beta1, beta2, 1 - beta2, eps,
-         1 / s.bias_correction2_sqrt, 1 / s.bias_correction1_prev, 1 / s.bias_correction2_prev_sqrt]
+         1 / s.bias_correction2_sqrt, 1 / s.bias_correction1_prev, 1 / s.bias_correction2_prev_sqrt,
+         grad_scale]
         for s in rows
     ]
     return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def _adam_update(p, g, m, v, scalars) -> None:
-    """One tensor's AdamW update in place, from its row of ``_pack_scalars``."""
-    step_size, decay, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc2_sqrt, _, _ = scalars.unbind()
+    """One tensor's AdamW update in place, from its row of ``_pack_scalars``.
+
+    The gradient is multiplied by ``grad_scale`` (the clipping factor, 1.0 when not clipping) on the way
+    in, so clipping costs no pass of its own and ``g`` itself is left as it was.
+    """
+    (step_size, decay, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc2_sqrt, _, _,
+     grad_scale) = scalars.unbind()
+    g = g * grad_scale
     m_new = m + (g - m) * one_minus_beta1
     v_new = v * beta2 + g * g * one_minus_beta2
     p.copy_(p * decay - step_size * m_new / (v_new.sqrt() * inv_bc2_sqrt + eps))
@@ -155,7 +163,8 @@ def _adaptopt_update(p, g, m, v, scalars) -> list[Tensor]:
     float64.
     """
     (step_size, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
-     inv_bc2_sqrt, inv_bc1_prev, inv_bc2_prev_sqrt) = scalars.unbind()
+     inv_bc2_sqrt, inv_bc1_prev, inv_bc2_prev_sqrt, grad_scale) = scalars.unbind()
+    g = g * grad_scale  # the clipped gradient: the update and the statistics both use it
     d_prev = v.sqrt() * inv_bc2_prev_sqrt + eps
     m_new = m + (g - m) * one_minus_beta1
     v_new = v * beta2 + g * g * one_minus_beta2
@@ -237,7 +246,11 @@ def adaptopt_compiled(
     beta2: float,
     eps: float,
     want_stats: bool,
+    grad_scale: float = 1.0,
 ) -> Tensor | None:
+    """The compiled path. ``grad_scale`` multiplies every gradient inside the kernel (AdaptOpt passes
+    the clipping factor): the update and the statistics use ``grads * grad_scale``, and ``grads`` are not
+    modified."""
     if not params:
         return None
     kernel = _get_compiled_kernel(want_stats)
@@ -247,7 +260,7 @@ def adaptopt_compiled(
         rows = tuple(scalars[i] for i in idx)
         key = (rows, params[idx[0]].dtype, params[idx[0]].device)
         if key not in packed:
-            packed[key] = _pack_scalars(list(rows), beta2, eps, params[idx[0]])
+            packed[key] = _pack_scalars(list(rows), beta2, eps, params[idx[0]], grad_scale)
         out = kernel(
             [params[i].view(-1) for i in idx], [grads[i].reshape(-1) for i in idx],
             [exp_avgs[i].view(-1) for i in idx], [exp_avg_sqs[i].view(-1) for i in idx], packed[key],

@@ -91,7 +91,11 @@ class AdaptOpt(torch.optim.Optimizer):
         adaptive_clip: ZClip threshold from the norm's running statistics (max_grad_norm then applies
             only during its warmup). See clip.GradClipper.
         foreach: use the torch._foreach_* implementation (default: on for CUDA tensors).
-        fused: use the torch.compile-d single-pass kernel (CPU and GPU; compiles on first step).
+        fused: use the torch.compile-d single-pass kernel (CPU and GPU; compiles on first step). With
+            fused=True (in every param group) clipping is folded into that kernel: it multiplies the
+            gradient by the clip factor as it reads it, so after step() p.grad still holds the
+            *unclipped* gradient (the update used the clipped one); the pre-clip norm is
+            ``grad_clipper.last_norm``. The other implementations clip p.grad in place.
         reduce_fn: sums a float64 tensor over shards; only for sharded parameters (ZeRO).
     """
 
@@ -178,9 +182,14 @@ class AdaptOpt(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        grad_scale = None  # the clipping factor, when the fused kernels apply it instead of clip_
         if self.grad_clipper.enabled:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self.grad_clipper.clip_(grads)
+            if all(g["fused"] for g in self.param_groups):
+                # p.grad keeps the unclipped gradient: the compiled update multiplies it by the factor.
+                grad_scale = self.grad_clipper.clip_factor(grads)
+            else:
+                self.grad_clipper.clip_(grads)
             if not self.grad_clipper.last_finite:
                 # Leave parameters, moments and step counts untouched: the step did not happen.
                 self.skipped_steps += 1
@@ -204,6 +213,7 @@ class AdaptOpt(torch.optim.Optimizer):
             stats = impl(
                 params, grads, exp_avgs, exp_avg_sqs, scalars,
                 beta2=beta2, eps=group["eps"], want_stats=want_stats,
+                **({} if grad_scale is None else {"grad_scale": grad_scale}),
             )
             if want_stats:
                 local = [float(x) for x in stats]

@@ -111,3 +111,26 @@ def test_attached_clipper_refuses_closures():
 def test_clipper_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradClipper(**kwargs)
+
+
+def test_clip_factor_returns_the_factor_without_touching_the_grads():
+    clipper, twin = GradClipper(1.0, adaptive=True, warmup_steps=2), GradClipper(1.0, adaptive=True, warmup_steps=2)
+    for scale in (4.0, 0.5, 3.0, 10.0):  # warmup (fixed c), then the adaptive threshold
+        g = [x * scale for x in grads()]
+        before = [x.clone() for x in g]
+        factor = clipper.clip_factor(g)
+        assert all(torch.equal(a, b) for a, b in zip(g, before))  # not applied
+        norm = 5.0 * scale
+        assert clipper.last_norm == norm and clipper.last_finite
+        threshold = clipper.last_threshold
+        assert factor == (threshold / norm if norm > threshold else 1.0)
+        twin.clip_(before)  # clip_ is clip_factor applied in place: same state, same clipped grads
+        assert all(torch.equal(a * factor, b) for a, b in zip(g, before))
+        assert (twin.mean, twin.var, twin.warmup_norms) == (clipper.mean, clipper.var, clipper.warmup_norms)
+
+
+def test_clip_factor_on_non_finite_norm_is_nan_and_counts():
+    clipper = GradClipper(1.0, adaptive=True)
+    factor = clipper.clip_factor([torch.tensor([1.0, float("inf")])])
+    assert math.isnan(factor) and not clipper.last_finite and clipper.nonfinite_steps == 1
+    assert clipper.warmup_norms == []  # a skipped step does not feed the ZClip statistics

@@ -228,3 +228,89 @@ def test_elementwise_update_is_shape_agnostic():
 def test_invalid_hyperparameters_name_value_and_range(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaptOpt([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+# --- The fused path folds the clipping factor into the compiled update (p.grad stays unclipped). ---
+
+def _zclip_reference(norms, *, max_norm, warmup_steps=25, ema_decay=0.97, z_thresh=2.5):
+    """ZClip written from docs/optimizer.md, independently of clip.py: the clipping factor of each step."""
+    warmup, mean, var, factors = [], None, None, []
+    for norm in norms:
+        threshold = max_norm if mean is None else mean + z_thresh * var**0.5
+        clipped = threshold if threshold is not None and norm > threshold else norm
+        factors.append(clipped / norm)
+        if mean is None:
+            warmup.append(clipped)
+            if len(warmup) == warmup_steps:
+                mean = sum(warmup) / warmup_steps
+                var = sum((x - mean) ** 2 for x in warmup) / warmup_steps
+        else:
+            mean = ema_decay * mean + (1 - ema_decay) * clipped
+            var = ema_decay * var + (1 - ema_decay) * (clipped - mean) ** 2
+    return factors
+
+
+@pytest.mark.parametrize("adaptive_clip", [False, True], ids=["fixed", "zclip"])
+def test_fused_clipping_in_kernel_matches_reference(adaptive_clip):
+    """fused=True: the kernel multiplies g by the clip factor; the update and the cosine's statistics
+    must be those of the clipped gradient (the reference clips g before everything), for 150 steps."""
+    hp = dict(ADAPTIVE, max_grad_norm=8.0)  # norms fall from 45 to ~6: clipped early, then only spikes
+    init = make_params()
+    params = [p.clone().requires_grad_() for p in init]
+    opt = AdaptOpt(params, adaptive_clip=adaptive_clip, fused=True, **hp)
+    # Without ZClip the reference clips itself; with it the test clips by the independent ZClip above.
+    ref = ReferenceAdaptOpt(init, **dict(hp, max_grad_norm=None if adaptive_clip else hp["max_grad_norm"]))
+    norms, clipped_steps = [], 0
+    for t, grads_of in enumerate(grad_stream(init, 150)):
+        grads = grads_of(ref.params())
+        if t % 37 == 36:  # spikes, so that the adaptive threshold clips after its warmup
+            grads = [10 * g for g in grads]
+        norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+        norms.append(norm)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        assert opt.grad_clipper.last_norm == pytest.approx(norm, rel=1e-12)  # the pre-clip norm
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g)  # p.grad keeps the unclipped gradient
+        if adaptive_clip:
+            factor = _zclip_reference(norms, max_norm=hp["max_grad_norm"])[-1]
+            clipped_steps += factor < 1
+            expected = ref.step([g * factor for g in grads])
+        else:
+            clipped_steps += norm > hp["max_grad_norm"]
+            expected = ref.step(grads)
+    assert 10 <= clipped_steps < 150  # clipping really happened, and not on every step
+    # The parameters depend on every earlier step's LR scale and momentum, so on the clipped statistics.
+    for a, b in zip(params, expected):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
+def test_non_finite_gradient_mid_run_leaves_params_and_state_untouched(impl):
+    init = make_params()
+    params = [p.clone().requires_grad_() for p in init]
+    opt = AdaptOpt(params, adaptive_clip=True, **ADAPTIVE, **impl)
+    stream = grad_stream(init, 6)
+    for _ in range(5):
+        for p, g in zip(params, next(stream)(params)):
+            p.grad = g
+        opt.step()
+    before_params = [p.detach().clone() for p in params]
+    before_state = copy.deepcopy(opt.state_dict())
+    grads = next(stream)(params)
+    grads[3] = grads[3].clone().fill_(float("nan"))
+    grads[0][0, 0] = float("inf")
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.grad_clipper.nonfinite_steps == 1
+    for p, q in zip(params, before_params):
+        assert torch.equal(p.detach(), q)
+    after_state = opt.state_dict()
+    assert after_state["param_groups"] == before_state["param_groups"]  # lr_scale, path_cos
+    assert after_state["grad_clipper"] == dict(before_state["grad_clipper"], nonfinite_steps=1)
+    for i, s in before_state["state"].items():
+        for key, value in s.items():
+            other = after_state["state"][i][key]
+            assert torch.equal(other, value) if torch.is_tensor(value) else other == value

@@ -1,8 +1,6 @@
 """Sharded parameters (as DeepSpeed ZeRO hands them to a client optimizer): two real gloo processes
 each own half of one flat parameter vector; with ``reduce_fn`` = all_reduce, the adaptive statistics
 and the clipping norm are global, so the result equals the single-process run."""
-import os
-import socket
 
 import pytest
 import torch
@@ -34,9 +32,9 @@ def single_process() -> torch.Tensor:
     return theta.detach()
 
 
-def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank, store, out):
+    # a file rendezvous: a free TCP port picked in advance can be taken by another process meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     full = torch.linspace(-1, 1, N, dtype=torch.float64)
     lo, hi = (0, 51) if rank == 0 else (51, N)
     shard = full[lo:hi].clone().requires_grad_()
@@ -71,15 +69,10 @@ def _all_gather(shard):
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_shards_with_all_reduce_match_one_process(tmp_path):
     out = tmp_path / "sharded.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2, join=True)
     torch.testing.assert_close(torch.load(out), single_process(), rtol=1e-10, atol=1e-12)
 
 
