@@ -43,6 +43,7 @@ from adaptopt.data.glue import GLUE_TASKS, GlueDataError, glue_dir_from_env, loa
 from adaptopt.distributed import DeepSpeedRun, fix_cpu_deepspeed_state  # noqa: E402
 from adaptopt.skipped import TooManySkippedUpdates, UpdateMonitor  # noqa: E402
 from adaptopt.models import ModelNotFoundError, resolve_model  # noqa: E402
+from adaptopt.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -161,7 +162,7 @@ def peak_memory_mb(accelerator) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
+def train(args, raw, model_path: str, checkpoint: Path | None, preemption: PreemptionSignal | None = None) -> dict:
     fix_cpu_deepspeed_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -317,6 +318,12 @@ def train(args, raw, model_path: str, checkpoint: Path | None) -> dict:
                 train_time += time.perf_counter() - tick
                 results = run_eval(epoch)
                 tick = time.perf_counter()
+            # SLURM's warning signal (adaptopt/preemption.py): all ranks save after this same update and stop
+            if preemption is not None and completed_steps < args.max_train_steps \
+                    and preemption.requested_everywhere(accelerator):
+                if not (checkpoint_every and completed_steps % checkpoint_every == 0):  # (not saved just now)
+                    save(epoch, batch_in_epoch)
+                raise Preempted(completed_steps)
             if completed_steps >= args.max_train_steps:
                 break
         train_time += time.perf_counter() - tick
@@ -371,6 +378,7 @@ def _primary_metric(task, eval_dls) -> str:
 
 
 def main(argv=None) -> dict:
+    preemption = PreemptionSignal.install()  # before the slow start-up: a signal during it counts too
     args = parse_args(argv)
     # Inputs are checked on every rank before any process group exists, so a bad path or a malformed
     # file stops all ranks with the same message instead of leaving some waiting at a barrier.
@@ -385,10 +393,13 @@ def main(argv=None) -> dict:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     try:
-        return train(args, raw, model_path, checkpoint)
+        return train(args, raw, model_path, checkpoint, preemption)
     except TooManySkippedUpdates as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
+    except Preempted as err:  # the checkpoint is complete; a requeued job resumes with --resume_from_checkpoint latest
+        print(f"preempted: {err}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
