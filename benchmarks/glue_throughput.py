@@ -59,7 +59,12 @@ def hf_trainer_samples_per_second(args) -> float:
 
 def recipe_samples_per_second(args, optimizer: str, extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as out:
+        # accelerate launch runs a non --cpu process with OMP_NUM_THREADS=1 unless told otherwise; the
+        # Trainer above ran with torch's default thread count, so the recipe gets the same.
+        import torch
+
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--num_cpu_threads_per_process", str(torch.get_num_threads()),
                "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "recipes" / "glue.py"),
                "--task_name", "sst2", "--data_dir", args.data_dir, "--output_dir", out, "--optimizer", optimizer,
                "--max_train_samples", str(args.train_samples), "--max_train_steps", str(args.steps),
@@ -93,7 +98,10 @@ def main():
     for name, (optimizer, extra) in variants.items():
         figures[name] = recipe_samples_per_second(args, optimizer, extra)
     anchor = figures["hf_trainer_adamw"]
-    print(f"SST-2, {args.steps} updates x batch {args.batch_size}, max_length {args.max_length}, fp32, 1 process")
+    import torch
+
+    print(f"SST-2, {args.steps} updates x batch {args.batch_size}, max_length {args.max_length}, fp32, 1 process, "
+          f"{torch.get_num_threads()} threads")
     for name, value in figures.items():
         print(f"{name:>20}: {value:8.1f} samples/s   ({value / anchor:.2f}x HF Trainer)")
     if args.json:

@@ -23,6 +23,20 @@ def test_cpu_ddp_gets_the_cpu_flag_and_deepspeed_does_not():
     assert "ACCELERATE_USE_CPU" not in launch_run.launch_env(DS, {"ACCELERATE_USE_CPU": "true"}, cuda=False)
 
 
+def test_cpu_processes_get_the_cores_accelerate_would_leave_idle():
+    def threads(argv, environ=None):
+        out = launch_run.launch_args(argv, environ or {}, cuda=False, cores=8)
+        return out[1] if out[0] == "--num_cpu_threads_per_process" else None
+
+    assert threads(["--num_processes", "1", "x.py"]) == "8"
+    assert threads(DDP + ["x.py"]) == "4"  # the yaml says 2 processes
+    assert threads(["--num_processes", "16", "--num_machines", "2", "x.py"]) == "1"
+    mine = ["--num_cpu_threads_per_process", "3", "x.py"]
+    assert launch_run.launch_args(mine, {}, cuda=False, cores=8) == mine  # the user's choice stays
+    assert launch_run.launch_args(["x.py"], {"OMP_NUM_THREADS": "2"}, cuda=False, cores=8) == ["x.py"]
+    assert launch_run.launch_args(["x.py"], {}, cuda=True, cores=8) == ["x.py"]
+
+
 def test_gpu_machines_run_accelerate_unchanged():
     assert launch_run.launch_env(DDP, {"A": "1"}, cuda=True) == {"A": "1"}
 
