@@ -52,7 +52,7 @@ TOP_LEVEL_KEYS = {
     "graph_harvesting", "use_data_before_expert_parallelism", "use_node_local_storage", "load_universal",
     "zero_quantized_weights", "gradient_allreduce_op", "sequence_parallel_size", "eigenvalue",
     "quantize_training", "progressive_layer_drop", "mics_shard_size", "mics_hierarchical_params_gather",
-    "memory_breakdown", "expert_parallel", "zenflow", "disable_python_gc",
+    "expert_parallel", "zenflow", "disable_python_gc",
 }
 RECIPE_OWNED = {
     "train_micro_batch_size_per_gpu": "--per_device_train_batch_size",

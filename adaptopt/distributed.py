@@ -17,8 +17,8 @@ A recipe calls, in this order:
      adaptive clipping sets the engine's threshold before each step from the same ``GradClipper`` rule;
    - **the optimizer**, in ZeRO-0 fp32, where the engine calls our optimizer directly with full,
      averaged gradients: DeepSpeed's clipping is off and ours runs, exactly as without DeepSpeed.
-3. ``run.guard(optimizer)`` before ``accelerator.prepare`` (see its docstring), and
-   ``run.attach(engine, optimizer, scheduler)`` after it. Under ZeRO the optimizer
+3. ``run.guard(optimizer, scheduler)`` before ``accelerator.prepare`` (see its docstring), and
+   ``run.attach(engine, optimizer)`` after it. Under ZeRO the optimizer
    holds shards, so AdaptOpt's path statistics get a ``reduce_fn`` over the data-parallel group. The LR
    schedule stops counting ``optimizer.step()`` calls, because ZeRO makes several per update, and counts
    the engine's applied updates instead.
@@ -66,15 +66,14 @@ class DeepSpeedRun:
     def __init__(self, ds_config: dict, max_grad_norm: float | None, adaptive_clip: bool):
         self.config = ds_config
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.wrapped = self.stage > 0 or _enabled(ds_config.get("fp16")) or _enabled(ds_config.get("bf16"))
-        self.optimizer_clips = not self.wrapped
+        wrapped = self.stage > 0 or _enabled(ds_config.get("fp16")) or _enabled(ds_config.get("bf16"))
+        self.optimizer_clips = not wrapped
         # The engine must not clip when the optimizer does, and must clip at the recipe's value otherwise.
         # A number written in the file was checked against the recipe's by adaptopt.check already.
         self.config["gradient_clipping"] = 0.0 if self.optimizer_clips else float(max_grad_norm or 0.0)
-        self.clipper = GradClipper(max_grad_norm, adaptive=adaptive_clip) if self.wrapped else None
+        self.clipper = GradClipper(max_grad_norm, adaptive=adaptive_clip) if wrapped else None
         self.engine = None
         self.scheduler = None
-        self.skipped_updates = 0
 
     @classmethod
     def from_accelerator(cls, accelerator, max_grad_norm: float | None, adaptive_clip: bool) -> "DeepSpeedRun | None":
@@ -83,13 +82,15 @@ class DeepSpeedRun:
             return None
         return cls(plugin.deepspeed_config, max_grad_norm, adaptive_clip)
 
-    def guard(self, optimizer: torch.optim.Optimizer) -> None:
-        """Call before ``accelerator.prepare``/``deepspeed.initialize`` with the recipe's optimizer.
+    def guard(self, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
+        """Call before ``accelerator.prepare``/``deepspeed.initialize`` with the recipe's optimizer and
+        its adaptopt ScheduledLR, if any.
 
         DeepSpeed's fp16/bf16 ZeRO-0 wrappers "initialise optimizer states" by calling ``step()`` once
-        with zero gradients. That is not an update: it would count a step for Adam's bias correction,
-        apply weight decay, and advance the LR schedule. Until ``attach``, a pre-hook drops the gradients,
-        so the call updates nothing (torch optimizers and AdaptOpt skip parameters without a gradient).
+        with zero gradients. That is not an update: it would count a step for Adam's bias correction and
+        apply weight decay. Until ``attach``, a pre-hook drops the gradients, so the call updates nothing
+        (torch optimizers and AdaptOpt skip parameters without a gradient). The schedule stops counting
+        ``step()`` calls here, before that call can happen, and counts applied updates (``after_update``).
         """
         if self.stage > 0 and isinstance(optimizer, torch.optim.Adagrad):
             raise ValueError(
@@ -105,10 +106,12 @@ class DeepSpeedRun:
                     p.grad = None
 
         self._init_guard = optimizer.register_step_pre_hook(drop_grads)
+        if scheduler is not None and hasattr(scheduler, "count_updates_externally"):
+            scheduler.count_updates_externally()
+            self.scheduler = scheduler
 
-    def attach(self, engine, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
-        """``optimizer``: the torch optimizer the recipe built (DeepSpeed's client optimizer);
-        ``scheduler``: the adaptopt ScheduledLR, if any."""
+    def attach(self, engine, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer``: the torch optimizer the recipe built (DeepSpeed's client optimizer)."""
         if getattr(self, "_init_guard", None) is not None:
             self._init_guard.remove()
             self._init_guard = None
@@ -118,9 +121,6 @@ class DeepSpeedRun:
         if self.clipper is not None:
             attach_state(optimizer, self.clipper)  # checkpointed inside DeepSpeed's optimizer state
             self._set_threshold()
-        if scheduler is not None and hasattr(scheduler, "count_updates_externally"):
-            scheduler.count_updates_externally()
-            self.scheduler = scheduler
 
     def after_load(self) -> None:
         """After ``accelerator.load_state``: DeepSpeed restores its own clip value; ours wins."""
@@ -138,9 +138,7 @@ class DeepSpeedRun:
             if norm is not None:
                 self.clipper.factor_for_norm(float(norm))
             self._set_threshold()
-        if not applied:
-            self.skipped_updates += 1
-        elif self.scheduler is not None:
+        if applied and self.scheduler is not None:
             self.scheduler.record_update()
         return applied
 

@@ -171,10 +171,8 @@ class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
 
     def _count_update(self, optimizer, args, kwargs) -> None:
         # AdaptOpt returns early on a non-finite gradient norm; a baseline's clip hook drops the grads.
-        # A step() without any gradient updated nothing (e.g. DeepSpeed's state-initialising call).
         clipper = getattr(optimizer, "grad_clipper", None)
-        has_grads = any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
-        if has_grads and (clipper is None or clipper.last_finite):
+        if clipper is None or clipper.last_finite:
             self.applied_steps += 1
 
     def count_updates_externally(self) -> None:

@@ -216,12 +216,12 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
 
     base_scheduler = scheduler
     if ds_run is not None:
-        ds_run.guard(base_optimizer)
+        ds_run.guard(base_optimizer, base_scheduler)
     model, optimizer, train_dl, scheduler, *eval_list = accelerator.prepare(
         model, optimizer, train_dl, scheduler, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, eval_list))
     if ds_run is not None:
-        ds_run.attach(model, base_optimizer, base_scheduler)
+        ds_run.attach(model, base_optimizer)
         logger.info(f"DeepSpeed ZeRO-{ds_run.stage}, clipping by the "
                     f"{'optimizer' if ds_run.optimizer_clips else 'DeepSpeed engine'}")
 

@@ -27,6 +27,7 @@ import deepspeed.comm as dist  # noqa: E402
 
 from adaptopt import build_optimizer, build_scheduler  # noqa: E402
 from adaptopt.distributed import DeepSpeedRun  # noqa: E402
+from adaptopt.skipped import UpdateMonitor  # noqa: E402
 
 MICRO, D_IN, D_OUT, STEPS, LR, CLIP = 4, 16, 4, 5, 1e-2, 0.5
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,9 +99,10 @@ def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, a
     optimizer = build_optimizer(opt_name, model, lr=LR, max_grad_norm=CLIP if run.optimizer_clips else None,
                                 adaptive_clip=adaptive_clip and run.optimizer_clips)
     scheduler = build_scheduler(optimizer, "linear", total_steps=steps, warmup_steps=2)
-    run.guard(optimizer)
+    run.guard(optimizer, scheduler)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    run.attach(engine, optimizer, scheduler)
+    run.attach(engine, optimizer)
+    monitor = UpdateMonitor(max_consecutive=10**9)  # the recipes' skip counter
     dtype = PRECISION_DTYPE[precision]
     x, y, x_eval, y_eval = make_data(steps)
     rows = slice(rank * MICRO, (rank + 1) * MICRO)
@@ -111,7 +113,7 @@ def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, a
             loss = loss * float("inf")  # an overflow, as fp16 produces one
         engine.backward(loss)
         engine.step()
-        run.after_update()
+        monitor.update(applied=run.after_update())
         scheduler.step()
         norms.append(run.grad_clipper.last_norm)
     with torch.no_grad():
@@ -123,7 +125,7 @@ def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, a
         params = [p.detach().float().clone() for p in engine.module.parameters()]
     state_steps = sorted({float(s["step"]) for s in optimizer.state.values() if "step" in s})
     engine.destroy()
-    return params, final, norms, scheduler.applied_steps, run.skipped_updates, state_steps
+    return params, final, norms, scheduler.applied_steps, monitor.skipped, state_steps
 
 
 def main() -> None:
