@@ -161,7 +161,16 @@ class RecipeRun:
             self.scheduler.scheduler.observe(results[primary_metric])
         if self.args.with_tracking:
             self.accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=self.completed_steps)
+        self._append_log({f"eval/{k}": v for k, v in results.items()})
         return results
+
+    def _append_log(self, record: dict) -> None:
+        """<output_dir>/train_log.jsonl: one line per log or eval, with no tracker needed (the study's
+        loss and LR plots read it). A resumed run appends; a step logged twice keeps its last line."""
+        if self.accelerator.is_main_process:
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.args.output_dir) / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.completed_steps, **record}) + "\n")
 
     def fit(self, evaluate: Callable[[], dict], primary_metric: str | None = None,
             preemption: PreemptionSignal | None = None) -> dict:
@@ -247,6 +256,7 @@ class RecipeRun:
         progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats['train/lr']:.2e}")
         if self.args.with_tracking:
             self.accelerator.log(stats, step=self.completed_steps)
+        self._append_log(stats)
         self.last_train_loss = mean_loss  # mean over the last logging window (exact-resume tests compare it)
 
     # -- results --------------------------------------------------------------------------------------

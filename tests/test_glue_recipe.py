@@ -37,6 +37,10 @@ def test_one_process_trains_evaluates_and_checkpoints(glue_dir, tiny_bert, tmp_p
     assert (newest / "model.safetensors").is_file() and (newest / "optimizer.bin").is_file()
     assert json.loads((newest / "progress.json").read_text())["completed_steps"] == 16
     assert (out / "model" / "model.safetensors").is_file()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "train/loss" in r] == list(range(1, 17))  # --logging_steps 1
+    evals = [r for r in log if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [8, 16] and evals[-1]["eval/accuracy"] == r["accuracy"]
 
 
 def test_stsb_regression_reports_pearson_and_spearman(glue_dir, tiny_bert, tmp_path):
