@@ -1,0 +1,162 @@
+"""python -m adaptopt.study --config studies/glue.yaml: run an optimizer study, then write its report.
+
+    python -m adaptopt.study --config studies/glue.yaml                 # run what is missing, then report
+    python -m adaptopt.study --config studies/glue.yaml --plan          # the grid and its status, no runs
+    python -m adaptopt.study --config studies/glue.yaml --jobs 2        # 2 runs at a time (cores split)
+    python -m adaptopt.study --config studies/glue.yaml --tasks mrpc    # run only MRPC's runs (report: all)
+    python -m adaptopt.study --config studies/glue.yaml --report_only   # tables, plots, report.md from what exists
+    python -m adaptopt.study --config studies/glue.yaml --report_only --publish docs/study.md   # + a copy for docs/
+
+Writes into the study's output_dir: runs/<run>/ per run, summary.json (every number), plots/*.png,
+report.md. Stopping it (Ctrl-C) at any time is safe: the next invocation skips finished runs.
+Exit status: 0 when every selected run finished, 1 when some failed, 2 for a bad study file or flag.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .aggregate import summarize
+from .config import FULL, Study, StudyConfigError, load_study
+from .plots import write_plots
+from .records import load_records
+from .report import write_report
+from .runner import FAILED, FINISHED, Runner, check_unchanged, launch_command, run_dir, run_status
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m adaptopt.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the study file (YAML), e.g. studies/glue.yaml")
+    parser.add_argument("--output_dir", default=None,
+                        help="where runs and the report go (default: the study file's output_dir)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time; each gets OMP_NUM_THREADS = cores // (jobs x processes per run)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="run only these tasks' runs (the report covers all)")
+    parser.add_argument("--skip_failed", action="store_true", help="do not retry runs that failed before")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds after which a run is killed (failed)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true",
+                      help="print the grid, each run's status and a command; run nothing")
+    mode.add_argument("--report_only", action="store_true", help="aggregate, plot and report without running")
+    parser.add_argument("--publish", default=None, metavar="PATH.md",
+                        help="also write the report to PATH.md, its plots to PATH_plots/ (e.g. docs/study.md)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1 (got {args.jobs})")
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error(f"--timeout must be > 0 seconds (got {args.timeout})")
+    return args
+
+
+def canonical_command(study: Study, args: argparse.Namespace) -> list[str]:
+    """The command that (re)produces this study, for the report."""
+    cmd = ["python", "-m", "adaptopt.study", "--config", str(study.config_path), "--output_dir", str(study.output_dir)]
+    return cmd + (["--jobs", str(args.jobs)] if args.jobs > 1 else [])
+
+
+def print_plan(study: Study, specs, selected) -> None:
+    kinds = Counter()
+    for spec in specs:
+        kind = ("ablation" if spec.variant != FULL else
+                "main" if spec.optimizer in study.optimizers and spec.learning_rate == study.default_lr(spec.optimizer)
+                else "lr sweep")
+        kinds[spec.task, kind] += 1
+    status = Counter(run_status(run_dir(study, s)) for s in specs)
+    print(f"study {study.config_path} -> {study.output_dir}")
+    print(f"{len(specs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(status.items())))
+    for task in study.tasks:
+        parts = ", ".join(f"{kinds[task, k]} {k}" for k in ("main", "lr sweep", "ablation") if kinds[task, k])
+        print(f"  {task}: {parts}")
+    print("optimizers (study LR): " + ", ".join(f"{o} ({study.default_lr(o):g})" for o in study.optimizers))
+    if study.lr_sweep:
+        sweeps = (f"{o}: {', '.join(f'{lr:g}' for lr in lrs)}" for o, lrs in study.lr_sweep.items())
+        print("lr sweep: " + "; ".join(sweeps))
+    if study.ablation:
+        print(f"ablation of {study.ablation_optimizer}: {', '.join(study.ablation)}")
+    print(f"seeds: {study.seeds}")
+    if selected:
+        print("first run:\n  " + shlex.join(launch_command(study, selected[0], run_dir(study, selected[0]))))
+
+
+def report(study: Study, specs, args) -> dict:
+    records = load_records(study, specs)
+    summary = summarize(study, records)
+    plots = write_plots(summary, study.output_dir / "plots")
+    first = next((r for r in records if r.info and r.info.get("command")), None)
+    path = write_report(study, summary, plots, study.output_dir / "report.md", canonical_command(study, args),
+                        first.info["command"] if first else None)
+    (study.output_dir / "summary.json").write_text(json.dumps(_no_nan(summary), indent=1))
+    runs = summary["runs"]
+    print(f"report: {path} ({runs['finished']} finished, {runs['failed']} failed, {runs['pending']} not run)")
+    if args.publish:  # e.g. docs/study.md + docs/study_plots/*.png, with links that work from there
+        dest = Path(args.publish)
+        plot_dir = dest.parent / f"{dest.stem}_plots"
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        copies = {name: Path(shutil.copy2(p, plot_dir / p.name)) for name, p in plots.items()}
+        write_report(study, summary, copies, dest, canonical_command(study, args),
+                     first.info["command"] if first else None)
+        print(f"published: {dest} and {plot_dir}/")
+    return summary
+
+
+def _no_nan(x):
+    """NaN (an undefined std or test) as JSON null, so any JSON reader can load summary.json."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        study = load_study(args.config, args.output_dir)
+        specs = study.runs()
+        unknown = sorted(set(args.tasks or []) - set(study.tasks))
+        if unknown:
+            raise StudyConfigError(f"--tasks {unknown} are not in the study (its tasks: {', '.join(study.tasks)})")
+        selected = [s for s in specs if args.tasks is None or s.task in args.tasks]
+        if args.plan:
+            print_plan(study, specs, selected)
+            return 0
+        check_unchanged(study, specs)
+    except StudyConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    if not args.report_only:
+        study.output_dir.mkdir(parents=True, exist_ok=True)
+        (study.output_dir / "study.yaml").write_text(study.text)  # the file as it was when these runs ran
+        # SIGTERM (a scheduler, `kill`) stops the runs in flight like Ctrl-C does, instead of orphaning them.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            Runner(study, jobs=args.jobs, timeout=args.timeout).run(selected, retry_failed=not args.skip_failed)
+        except KeyboardInterrupt:
+            print("interrupted: runs in flight were stopped; run the same command again to resume", file=sys.stderr)
+            return 130
+    report(study, specs, args)
+    failed = [s.name for s in selected if run_status(run_dir(study, s)) == FAILED]
+    missing = [s.name for s in selected if run_status(run_dir(study, s)) not in (FINISHED, FAILED)]
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}",
+              file=sys.stderr)
+    return 1 if failed or (missing and not args.report_only) else 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

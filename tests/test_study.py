@@ -1,0 +1,365 @@
+"""The optimizer study (adaptopt.study): statistics on known numbers, the shipped study files, and a tiny
+study run for real through `python -m adaptopt.study` (accelerate launch of recipes/glue.py on a tiny
+random BERT and slices of the real MRPC files): runs in parallel, a failing run recorded while the
+others finish, resume that reruns only what is missing, statistics equal to scipy/statsmodels computed
+directly on the results.json files, plots and report written."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as sps
+
+from adaptopt.registry import OPTIMIZERS
+from adaptopt.study import stats
+from adaptopt.study.config import FULL, StudyConfigError, load_study, to_flags
+from adaptopt.study.plots import PLOTS
+from adaptopt.study.runner import available_cores, stderr_tail, threads_per_run
+from conftest import REPO
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# -- statistics on known numbers --------------------------------------------------------------------
+def test_describe_mean_std_and_t_interval():
+    d = stats.describe([1.0, 2.0, 3.0, 4.0])
+    assert d["n"] == 4 and d["mean"] == 2.5
+    assert d["std"] == pytest.approx(math.sqrt(5 / 3))  # sample std, ddof=1
+    assert d["ci95"] == pytest.approx(3.182446305 * math.sqrt(5 / 3) / 2)  # t(0.975, 3) = 3.1824
+    one = stats.describe([0.7])
+    assert one["mean"] == 0.7 and math.isnan(one["std"]) and math.isnan(one["ci95"])
+    assert stats.describe([])["n"] == 0
+
+
+def test_anova_textbook_example():
+    # The classic one-way ANOVA example (three groups of six): F = 9.265 on (2, 15) df, p = 0.0024.
+    result = stats.anova({"a1": [6, 8, 4, 5, 3, 4], "a2": [8, 12, 9, 11, 6, 8], "a3": [13, 9, 11, 8, 7, 12]})
+    assert result["F"] == pytest.approx(9.264706, rel=1e-6) and result["p"] == pytest.approx(0.0023988, rel=1e-4)
+    assert (result["df_between"], result["df_within"]) == (2, 15)
+
+
+def test_anova_and_tukey_leave_out_groups_with_one_value_and_need_two_groups():
+    assert stats.anova({"a": [1.0, 2.0], "b": [3.0]}) is None and stats.tukey({"a": [1.0, 2.0], "b": [3.0]}) is None
+    result = stats.anova({"a": [1.0, 2.0], "b": [3.0, 5.0], "c": [9.0]})
+    assert result["groups"] == ["a", "b"]
+    constant = stats.anova({"a": [1.0, 1.0], "b": [1.0, 1.0]})
+    assert math.isnan(constant["p"])  # undefined, and said so, not a made-up number
+
+
+def test_tukey_matches_scipy_and_equals_the_pooled_t_test_for_two_groups():
+    rng = np.random.default_rng(0)
+    groups = {"sgd": rng.normal(0.0, 1, 4), "adam": rng.normal(0.4, 1, 4), "adamw": rng.normal(2.5, 1, 3)}
+    rows = stats.tukey({k: v.tolist() for k, v in groups.items()})
+    ref = sps.tukey_hsd(*groups.values())
+    index = {name: i for i, name in enumerate(groups)}
+    assert {(r["a"], r["b"]) for r in rows} == {("adam", "adamw"), ("adam", "sgd"), ("adamw", "sgd")}
+    for r in rows:
+        i, j = index[r["a"]], index[r["b"]]
+        assert r["p"] == pytest.approx(ref.pvalue[i, j], rel=1e-6)
+        assert r["meandiff"] == pytest.approx(groups[r["b"]].mean() - groups[r["a"]].mean())
+        ci = ref.confidence_interval()
+        assert (r["lower"], r["upper"]) == pytest.approx((-ci.high[i, j], -ci.low[i, j]), rel=1e-6)
+        assert r["reject"] == (ref.pvalue[i, j] < 0.05)
+    # k = 2: the studentized range q = sqrt(2)|t|, so Tukey's p is the pooled two-sample t-test's p.
+    a, b = [0.81, 0.84, 0.80], [0.86, 0.88, 0.85]
+    assert stats.tukey({"a": a, "b": b})[0]["p"] == pytest.approx(sps.ttest_ind(a, b).pvalue, rel=1e-6)
+
+
+def test_welch_by_hand():
+    a, b = [0.80, 0.82, 0.85], [0.70, 0.78, 0.74, 0.76]
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 4
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)  # Welch-Satterthwaite
+    result = stats.welch(a, b)
+    assert result["t"] == pytest.approx(t) and result["p"] == pytest.approx(2 * sps.t.sf(abs(t), df))
+    assert result["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert stats.welch([1.0], [2.0, 3.0]) is None
+
+
+# -- the study files ---------------------------------------------------------------------------------
+def test_glue_study_expands_to_the_issue_grid(monkeypatch):
+    monkeypatch.setenv("GLUE_DIR", "/data/glue")
+    study = load_study(REPO / "studies" / "glue.yaml")
+    runs = study.runs()
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names)) == 153  # 3 tasks x (21 main + 18 sweep + 12 ablation)
+    assert study.seeds == [1, 2, 3] and list(study.tasks) == ["mrpc", "rte", "sst2"]
+    assert list(study.optimizers) == ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw", "adaptopt"]
+    for task in study.tasks:
+        for opt in study.optimizers:  # every optimizer at the registry's (papers') default LR, every seed
+            main = [r for r in runs if (r.task, r.optimizer, r.variant) == (task, opt, FULL)
+                    and r.learning_rate == OPTIMIZERS[opt][1]["lr"]]
+            assert sorted(r.seed for r in main) == [1, 2, 3]
+        for opt in ("adamw", "adaptopt"):
+            lrs = sorted({r.learning_rate for r in runs if (r.task, r.optimizer, r.variant) == (task, opt, FULL)})
+            assert lrs == [2e-5, 5e-5, 1e-4, 2e-4]
+        variants = {r.variant: r for r in runs if r.task == task and r.optimizer == "adaptopt" and r.seed == 1
+                    and r.learning_rate == 2e-5}
+        assert set(variants) == {FULL, "no_adaptive_lr", "no_adaptive_momentum", "no_clipping", "all_off"}
+        args = lambda v: variants[v].recipe_args()  # noqa: E731
+        assert "--no_adaptive_lr" in args("no_adaptive_lr") and "--no_adaptive_momentum" not in args("no_adaptive_lr")
+        assert args("no_clipping")[args("no_clipping").index("--max_grad_norm") + 1] == "0"
+        assert {"--no_adaptive_lr", "--no_adaptive_momentum"} <= set(args("all_off"))
+        assert args(FULL)[args(FULL).index("--max_grad_norm") + 1] == "1.0"
+    for r in runs:
+        a = r.recipe_args()
+        assert a[a.index("--data_dir") + 1] == "/data/glue" and "--model_name_or_path" not in a  # default model
+        assert ("--max_train_samples" in a) == (r.task == "sst2")
+    assert study.primary_metric("mrpc") == "f1" and study.primary_metric("rte") == "accuracy"
+    assert (study.candidate, study.baseline) == ("adaptopt", "adamw")
+
+
+def test_tiny_study_file_parses(monkeypatch):
+    monkeypatch.setenv("GLUE_DIR", "/data/glue")
+    study = load_study(REPO / "studies" / "tiny.yaml")
+    assert len(study.runs()) == 10 and study.ablation == {
+        "all_off": {"no_adaptive_lr": True, "no_adaptive_momentum": True, "max_grad_norm": 0}}
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tasks: [mrpc]\noptimizers: [adamx]\nseeds: [1]", "unknown optimizer 'adamx'"),
+    ("tasks: [mrpc]\noptimizers: [adamw]\nseeds: [1]\nlr_swep: {}", "unknown key(s) ['lr_swep']"),
+    ("tasks: [mrpc]\noptimizers: [adamw]\nseeds: [1]\nlr_sweep: {adamw: [fast]}", "'fast' is not a number"),
+    ("tasks: [mrpc]\noptimizers: [adamw]\nseeds: [1]\nargs: {seed: 3}", "['seed'] are set by the study"),
+    ("tasks: [mrpc]\noptimizers: [adamw]\nseeds: [1, 1]", "seeds must be a list of distinct integers"),
+    ("tasks: [mrcp]\noptimizers: [adamw]\nseeds: [1]", "unknown GLUE task(s) ['mrcp']"),
+    ("tasks: [mrpc]\noptimizers: [adamw]\nseeds: [1]\nargs: {data_dir: '${STUDY_TEST_UNSET}'}", "is not set"),
+    ("tasks: [mrpc]\nseeds: [1]", "'optimizers' is required"),
+])
+def test_bad_study_files_are_refused_with_the_reason(tmp_path, monkeypatch, text, message):
+    monkeypatch.delenv("STUDY_TEST_UNSET", raising=False)
+    with pytest.raises(StudyConfigError) as err:
+        load_study(_write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_yaml_1_1_exponents_and_flags():
+    assert to_flags({"max_length": 64, "no_adaptive_lr": True, "lora": False, "x": None, "m": [1, 2]}) == [
+        "--max_length", "64", "--no_adaptive_lr", "--m", "1", "2"]
+
+
+def test_threads_split_the_cores_between_parallel_runs():
+    assert threads_per_run(["--num_processes", "1"], jobs=2, cores=8) == 4
+    assert threads_per_run(["--num_processes", "2"], jobs=2, cores=8) == 2
+    assert threads_per_run([], jobs=4, cores=2) == 1
+
+
+def test_stderr_tail_treats_progress_bar_rewrites_as_lines(tmp_path):
+    log = tmp_path / "stderr.log"
+    log.write_text("a\n 10%|#\r 50%|#####\rTraceback\nValueError: bad\n")
+    assert stderr_tail(log, 3) == " 50%|#####\nTraceback\nValueError: bad"
+
+
+# -- a tiny study, run for real ----------------------------------------------------------------------
+def study_cli(*args, check_code=None):
+    proc = subprocess.run([sys.executable, "-m", "adaptopt.study", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    if check_code is not None and proc.returncode != check_code:
+        raise AssertionError(f"exit {proc.returncode}, expected {check_code}:\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def assert_stat(got, expected) -> None:
+    """summary.json writes a statistic that is not finite (NaN: no variance at all; inf) as null."""
+    assert got is None if not math.isfinite(expected) else got == pytest.approx(expected, rel=1e-9)
+
+
+def results_of(out: Path, pattern: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{pattern}/results.json"))]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(glue_dir, tiny_bert, tmp_path_factory):
+    """Runs the study (2 at a time), deletes one finished run's results.json (a run killed before it
+    finished), and runs it again with --skip_failed. Returns what each step saw."""
+    root = tmp_path_factory.mktemp("study")
+    config = {
+        "seeds": [1, 2],
+        "args": {"data_dir": str(glue_dir), "model_name_or_path": str(tiny_bert), "max_train_samples": 48,
+                 "max_eval_samples": 64, "per_device_train_batch_size": 16, "max_train_steps": 3, "logging_steps": 1},
+        "tasks": ["mrpc"],
+        "optimizers": {"adamw": {"learning_rate": 1e-3}, "adaptopt": {"learning_rate": 1e-3}},
+        "lr_sweep": {"adamw": [1e-3, 3e-3]},
+        # "broken" is a flag value the recipe refuses: both its runs must fail, and the rest go on. The ablation
+        # is of adamw here only because its runs are the cheapest (AdaptOpt's is the same code path).
+        "ablation": {"optimizer": "adamw",
+                     "variants": {"no_clipping": {"max_grad_norm": 0}, "broken": {"max_grad_norm": -1}}},
+    }
+    config_path = root / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = root / "out"
+    first = study_cli("--config", config_path, "--output_dir", out, "--jobs", 2, check_code=1)
+
+    killed = out / "runs" / "mrpc-adamw-lr0.001-seed2"
+    (killed / "results.json").unlink()
+    mtimes = {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/results.json")}
+    second = study_cli("--config", config_path, "--output_dir", out, "--skip_failed",
+                       "--publish", root / "docs" / "study.md", check_code=1)
+    return dict(root=root, config=config, config_path=config_path, out=out, first=first, second=second,
+                killed=killed, mtimes=mtimes)
+
+
+def test_study_runs_in_parallel_and_records_failed_runs(tiny_study):
+    out = tiny_study["out"]
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 10  # 4 main + 2 more adamw LRs + 2 x 2 ablation variants
+    infos = {name: json.loads((out / "runs" / name / "run.json").read_text()) for name in runs}
+    broken = [n for n in runs if "-broken-" in n]
+    assert len(broken) == 2
+    for name in broken:
+        info = infos[name]
+        assert info["status"] == "failed" and info["returncode"] != 0  # accelerate launch turns 2 into 1
+        assert "--max_grad_norm must be >= 0" in info["stderr_tail"]
+        assert info["error"].startswith("glue.py: error: --max_grad_norm must be >= 0")  # the cause, not accelerate's
+        assert not (out / "runs" / name / "results.json").exists()
+    for name in set(runs) - set(broken):
+        assert infos[name]["status"] == "finished" and (out / "runs" / name / "results.json").is_file()
+        if name != tiny_study["killed"].name:  # rerun later with --jobs 1
+            assert infos[name]["omp_num_threads"] == max(1, available_cores() // 2)
+    assert "mrpc-adamw-broken-lr0.001-seed1 FAILED (exit 1): glue.py: error:" in tiny_study["first"].stdout
+    r = json.loads((out / "runs" / "mrpc-adamw-no_clipping-lr0.001-seed1" / "results.json").read_text())
+    assert r["optimizer"] == "adamw" and r["seed"] == 1 and r["completed_steps"] == 3
+    cmd = infos["mrpc-adamw-no_clipping-lr0.001-seed1"]["command"]
+    # the variant's flag comes after the shared one, so it is the one argparse keeps
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--max_grad_norm"] == ["0"]
+
+
+def test_resume_reruns_only_the_unfinished_run(tiny_study):
+    out, killed = tiny_study["out"], tiny_study["killed"]
+    assert "running 1," in tiny_study["second"].stdout
+    assert (killed / "results.json").is_file() and json.loads((killed / "run.json").read_text())["attempts"] == 2
+    for name, mtime in tiny_study["mtimes"].items():  # finished runs were not touched
+        assert (out / "runs" / name / "results.json").stat().st_mtime_ns == mtime
+        assert json.loads((out / "runs" / name / "run.json").read_text())["attempts"] == 1
+    for p in (out / "runs").glob("*-broken-*/run.json"):  # --skip_failed: not retried
+        assert json.loads(p.read_text())["attempts"] == 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the references warn on constant groups, as scipy does
+def test_statistics_equal_scipy_and_statsmodels_on_the_results_files(tiny_study):
+    from statsmodels.stats.multicomp import pairwise_tukeyhsd
+
+    out = tiny_study["out"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"] == dict(total=10, finished=8, failed=2, pending=0)
+    task = summary["tasks"]["mrpc"]
+    assert task["primary_metric"] == "accuracy"
+    assert {"accuracy", "f1", "train_loss", "train_time_s"} <= set(task["metrics"])
+    main = {opt: results_of(out, f"mrpc-{opt}-lr0.001-seed*") for opt in ("adamw", "adaptopt")}
+    assert [len(v) for v in main.values()] == [2, 2]
+    tested = 0
+    for metric in task["metrics"]:
+        groups = {opt: [r[metric] for r in rs] for opt, rs in main.items()}
+        row = {g["optimizer"]: g for g in task["optimizers"]}
+        for opt, values in groups.items():
+            s = row[opt]["stats"][metric]
+            assert s["values"] == values and s["mean"] == pytest.approx(np.mean(values))
+            assert s["std"] == pytest.approx(np.std(values, ddof=1))
+        expected = sps.f_oneway(*groups.values())  # NaN when every run predicts the majority class
+        assert_stat(task["anova"][metric]["F"], expected.statistic)
+        assert_stat(task["anova"][metric]["p"], expected.pvalue)
+        tk = task["tukey"][metric][0]
+        ref = pairwise_tukeyhsd(np.array(groups["adamw"] + groups["adaptopt"]), ["adamw"] * 2 + ["adaptopt"] * 2)
+        assert (tk["a"], tk["b"]) == ("adamw", "adaptopt")
+        assert_stat(tk["p"], ref.pvalues[0])
+        if tk["p"] is not None:
+            assert tk["p"] == pytest.approx(sps.tukey_hsd(groups["adamw"], groups["adaptopt"]).pvalue[0, 1], rel=1e-6)
+            tested += 1
+    assert tested >= 2  # train time and loss differ between runs, so at least those were tested
+
+    # verdict: adaptopt at its study LR vs adamw at the swept LR with the best mean accuracy
+    adamw = {lr: [r["accuracy"] for r in results_of(out, f"mrpc-adamw-lr{lr}-seed*")] for lr in ("0.001", "0.003")}
+    best = max(adamw, key=lambda lr: np.mean(adamw[lr]))
+    verdict = task["verdict"]["at_default"]
+    assert verdict["baseline_lr"] == float(best)
+    cand = [r["accuracy"] for r in main["adaptopt"]]
+    assert verdict["diff"] == pytest.approx(np.mean(cand) - np.mean(adamw[best]))
+    assert_stat(verdict["welch"]["p"], sps.ttest_ind(cand, adamw[best], equal_var=False).pvalue)
+
+    ablation = {r["variant"]: r for r in task["ablation"]["rows"]}
+    assert list(ablation) == [FULL, "no_clipping", "broken"]
+    assert (ablation["no_clipping"]["n_finished"], ablation["broken"]["n_finished"], ablation["broken"]["n_failed"]) \
+        == (2, 0, 2)
+    full = [r["accuracy"] for r in main["adamw"]]
+    no_clip = [r["accuracy"] for r in results_of(out, "mrpc-adamw-no_clipping-lr0.001-seed*")]
+    assert_stat(ablation["no_clipping"]["welch"]["accuracy"]["p"], sps.ttest_ind(no_clip, full, equal_var=False).pvalue)
+    sweep = {r["learning_rate"]: r["n_finished"] for r in task["lr_sensitivity"]["adamw"]}
+    assert sweep == {0.001: 2, 0.003: 2}
+
+
+def test_plots_and_report_are_written(tiny_study):
+    out = tiny_study["out"]
+    for name in PLOTS:
+        data = (out / "plots" / f"{name}.png").read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name
+    report = (out / "report.md").read_text()
+    for needle in ("adamw", "adaptopt", "## Verdict", "Tukey HSD", "## Ablation", "## Failed runs", "broken",
+                   f"--config {tiny_study['config_path']}", "plots/loss_curves.png", "matches or beats"):
+        assert needle in report, needle
+    published = tiny_study["root"] / "docs" / "study.md"  # --publish: the report for docs/, its plots beside it
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", published.read_text())
+    assert sorted(Path(link).name for link in links) == sorted(f"{name}.png" for name in PLOTS)
+    assert all((published.parent / link).read_bytes().startswith(PNG_SIGNATURE) for link in links)
+    # the curves come from train_log.jsonl: 3 logged updates, averaged over the 2 seeds
+    curve = json.loads((out / "summary.json").read_text())["tasks"]["mrpc"]["curves"]["adamw"]
+    assert curve["step"] == [1, 2, 3] and curve["seeds"] == 2
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Processes of a process group that still run (zombies waiting for a reaper do not count)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+def test_a_study_stopped_mid_run_kills_the_run_and_resumes_it(glue_dir, tiny_bert, tmp_path):
+    config = {"seeds": [1], "tasks": ["mrpc"], "optimizers": ["adamw"],
+              "args": {"data_dir": str(glue_dir), "model_name_or_path": str(tiny_bert), "max_train_samples": 48,
+                       "max_eval_samples": 64, "per_device_train_batch_size": 16, "max_train_steps": 3}}
+    path, out = tmp_path / "one.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(config))
+    study = subprocess.Popen([sys.executable, "-m", "adaptopt.study", "--config", str(path), "--output_dir", str(out)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_json = out / "runs" / "mrpc-adamw-lr5e-05-seed1" / "run.json"
+    deadline = time.monotonic() + 120
+    while not (run_json.is_file() and "pid" in json.loads(run_json.read_text())):
+        assert time.monotonic() < deadline and study.poll() is None, "the run never started"
+        time.sleep(0.2)
+    study.send_signal(signal.SIGTERM)  # as a scheduler or `kill` would stop it
+    assert study.wait(timeout=60) == 130, study.communicate()
+    info = json.loads(run_json.read_text())
+    assert info["status"] == "interrupted" and not (run_json.parent / "results.json").exists()
+    assert live_processes_in_group(info["pid"]) == []  # launcher and recipe are gone, not orphaned
+    study_cli("--config", path, "--output_dir", out, check_code=0)
+    info = json.loads(run_json.read_text())
+    assert info["status"] == "finished" and info["attempts"] == 2
+
+
+def test_an_edited_study_file_does_not_mix_with_old_runs(tiny_study, capsys):
+    from adaptopt.study.__main__ import main
+
+    config = dict(tiny_study["config"], args={**tiny_study["config"]["args"], "max_eval_samples": 32})
+    edited = tiny_study["root"] / "edited.yaml"
+    edited.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert main(["--config", str(edited), "--output_dir", str(tiny_study["out"])]) == 2  # before running anything
+    assert "ran with other arguments than the study file now gives" in capsys.readouterr().err
