@@ -270,6 +270,26 @@ def adaptopt_compiled(
     return torch.stack(stats).view(-1, 3).to(torch.float64).sum(0) if want_stats else None
 
 
+def compiled_update_unavailable(device: torch.device | str = "cpu") -> str | None:
+    """None if the compiled path runs on ``device``; otherwise why not (e.g. no C++ compiler for
+    inductor's CPU code, no Triton for CUDA), so a caller can fall back to the eager path and say why.
+
+    It runs the real kernel once on two small tensors, so its compilation is not wasted: a model's small
+    tensors (biases, LayerNorm weights) use the same graph."""
+    try:
+        tensors = [torch.zeros(64, device=device) for _ in range(3)]
+        grad = torch.ones(64, device=device)
+        scalars = TensorScalars(step_size=1e-3, decay=1.0, beta1=0.9, bias_correction2_sqrt=0.1,
+                                bias_correction1_prev=1.0, bias_correction2_prev_sqrt=1.0)
+        adaptopt_compiled([tensors[0]], [grad], [tensors[1]], [tensors[2]], [scalars],
+                          beta2=0.999, eps=1e-8, want_stats=True)
+        if not torch.isfinite(tensors[0]).all() or float(tensors[0][0]) >= 0:  # it must have stepped downhill
+            return "the compiled update ran but produced a wrong result"
+    except Exception as err:  # any failure of the toolchain: the reason goes into the caller's warning
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return None
+
+
 def bias_correction2_sqrt(beta2: float, step: float) -> float:
     """sqrt(1 - beta2^step), computed as torch.optim.AdamW does (``** 0.5``) so results match bit for bit."""
     return (1 - beta2**step) ** 0.5 if step > 0 else 1.0

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from . import cli
 from .check import ConfigError, RecipeSettings, check_launch_env
 from .checkpointing import load_progress, resolve_resume, save_checkpoint
 from .distributed import DeepSpeedRun, fix_cpu_deepspeed_state
+from .memory import MemoryTracker, format_report, numel, peak_memory_mb
 from .models import ModelNotFoundError
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
 from .skipped import TooManySkippedUpdates, UpdateMonitor
@@ -42,16 +42,10 @@ from .skipped import TooManySkippedUpdates, UpdateMonitor
 logger = get_logger(__name__)
 
 
-def peak_memory_mb(device=None) -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def parameter_counts(model) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
-    return (sum(p.numel() for p in model.parameters()),
-            sum(p.numel() for p in model.parameters() if p.requires_grad))
+    """(total, trainable) parameter counts (full sizes also when ZeRO-3 partitioned the model at load)."""
+    return (sum(numel(p) for p in model.parameters()),
+            sum(numel(p) for p in model.parameters() if p.requires_grad))
 
 
 class RecipeRun:
@@ -105,8 +99,13 @@ class RecipeRun:
         args, acc, ds_run = self.args, self.accelerator, self.ds_run
         if not hasattr(self, "n_total"):
             self.n_total, self.n_train = parameter_counts(model)
-        optimizer = cli.optimizer_from_args(args, model, clip=ds_run is None or ds_run.optimizer_clips)
+        optimizer = cli.optimizer_from_args(args, model, clip=ds_run is None or ds_run.optimizer_clips,
+                                             device=acc.device)
         self.base_optimizer = optimizer  # the torch optimizer itself: prepare() wraps it (DeepSpeed's wrapper too)
+        if args.lora:
+            from .lora import check_optimizer_params
+
+            check_optimizer_params(optimizer, model)
         # Updates per epoch as each process will see them after prepare() shards the data.
         self.updates_per_epoch = math.ceil(math.ceil(len(train_dl) / acc.num_processes)
                                            / args.gradient_accumulation_steps)
@@ -124,6 +123,9 @@ class RecipeRun:
             logger.info(f"DeepSpeed ZeRO-{ds_run.stage}, clipping by the "
                         f"{'optimizer' if ds_run.optimizer_clips else 'DeepSpeed engine'}")
         self.clipper = ds_run.grad_clipper if ds_run is not None else getattr(optimizer, "grad_clipper", None)
+        self.memory = MemoryTracker(self.model, optimizer)  # adaptopt/memory.py: what the figures mean
+        self.memory_start = self.memory.report()
+        logger.info(f"memory at start: {format_report(self.memory_start)}")
         self.total_batch = args.per_device_train_batch_size * acc.num_processes * args.gradient_accumulation_steps
         if args.with_tracking:
             acc.init_trackers(self.project, {k: v for k, v in vars(args).items()
@@ -263,6 +265,8 @@ class RecipeRun:
     def summary(self, results: dict, **fields) -> dict:
         """results.json: the recipe's fields, the final metrics, then what every recipe reports."""
         acc = self.accelerator
+        memory_end = self.memory.report()
+        logger.info(f"memory at end: {format_report(memory_end)}")
         return dict(
             **fields, optimizer=self.args.optimizer, seed=self.args.seed,
             **results,
@@ -276,10 +280,11 @@ class RecipeRun:
             parameters=self.n_total, trainable_parameters=self.n_train,
             skipped_updates=self.monitor.skipped,
             resumed_from=str(self.checkpoint) if self.checkpoint else None,
+            memory=dict(start=self.memory_start, end=memory_end),  # this rank's; adaptopt/memory.py
         )
 
     def finish(self, summary: dict, tokenizer=None) -> dict:
-        """Ends tracking, writes results.json and (with --save_model) the model as safetensors."""
+        """Ends tracking, writes results.json and (with --save_model or --merge_lora) the model as safetensors."""
         args, acc = self.args, self.accelerator
         if args.with_tracking:
             acc.end_training()
@@ -287,19 +292,30 @@ class RecipeRun:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.output_dir) / "results.json").write_text(json.dumps(summary, indent=2))
             logger.info(f"results: {json.dumps(summary)}")
-        if args.save_model:
+        if args.save_model or args.merge_lora:
             self.save_model(os.path.join(args.output_dir, "model"), tokenizer)
         return summary
 
     def save_model(self, path: str, tokenizer=None) -> None:
-        """Every rank calls this (ZeRO-3 gathers the sharded weights); rank 0 writes."""
+        """Every rank calls this (ZeRO-3 gathers the sharded weights); rank 0 writes.
+
+        With --merge_lora, ``<path>_merged`` also gets the base model with the adapters folded in."""
         acc = self.accelerator
         acc.wait_for_everyone()
         unwrapped = acc.unwrap_model(self.model)
-        unwrapped.save_pretrained(path, is_main_process=acc.is_main_process, save_function=acc.save,
-                                  state_dict=acc.get_state_dict(self.model), safe_serialization=True)
-        if acc.is_main_process and tokenizer is not None:
-            tokenizer.save_pretrained(path)
+        state_dict = acc.get_state_dict(self.model)  # a collective: complete on rank 0 (None elsewhere) under ZeRO-3
+        if acc.is_main_process:  # the others' state_dict is None under ZeRO-3: peft would read their empty shards
+            unwrapped.save_pretrained(path, save_function=acc.save, state_dict=state_dict, safe_serialization=True)
+            paths = [path]
+            if self.args.merge_lora:
+                from .lora import merged_model
+
+                paths.append(f"{path}_merged")
+                merged_model(unwrapped, state_dict).save_pretrained(paths[-1], safe_serialization=True)
+            if tokenizer is not None:
+                for p in paths:
+                    tokenizer.save_pretrained(p)
+        acc.wait_for_everyone()  # no rank exits (tearing down the process group) while rank 0 still writes
 
 
 def check_run_inputs(args) -> Path | None:

@@ -91,13 +91,13 @@ def reference(opt_name: str, steps: int, adaptive_clip: bool, skip_step: int | N
 
 
 def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, adaptive_clip: bool,
-                  skip_step: int | None):
+                  skip_step: int | None, fused: bool = False):
     rank = dist.get_rank()
     config = ds_config(config_name, precision)
     model = make_model()
     run = DeepSpeedRun(config, CLIP, adaptive_clip)
     optimizer = build_optimizer(opt_name, model, lr=LR, max_grad_norm=CLIP if run.optimizer_clips else None,
-                                adaptive_clip=adaptive_clip and run.optimizer_clips)
+                                adaptive_clip=adaptive_clip and run.optimizer_clips, **({"fused": True} if fused else {}))
     scheduler = build_scheduler(optimizer, "linear", total_steps=steps, warmup_steps=2)
     run.guard(optimizer, scheduler)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -136,12 +136,13 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     out = open(args.out, "w") if dist.get_rank() == 0 else None
     for opt_name, config_name, precision, extra in json.loads(args.cases):
-        adaptive_clip = extra == "adaptive_clip"
-        skip_step = 2 if extra == "overflow" else None
+        flags = set(extra.split("+"))  # e.g. "fused+overflow"
+        adaptive_clip = "adaptive_clip" in flags
+        skip_step = 2 if "overflow" in flags else None
         steps = 30 if adaptive_clip else STEPS  # ZClip's threshold takes over after 25 norms
         ref_params, ref_final, ref_norms, ref_applied = reference(opt_name, steps, adaptive_clip, skip_step)
         params, final, norms, applied, skipped, state_steps = deepspeed_run(
-            opt_name, config_name, precision, steps, adaptive_clip, skip_step)
+            opt_name, config_name, precision, steps, adaptive_clip, skip_step, fused="fused" in flags)
         if out is not None:
             # the largest parameter difference, relative to how far the reference moved the parameters
             moved = max(float((a - b).abs().max()) for a, b in zip(ref_params, make_model().parameters()))

@@ -1,0 +1,99 @@
+"""What a training run holds in memory, read from the live tensors: the report every recipe logs at the
+start and end of training and writes into results.json as ``memory``.
+
+Fields (bytes unless named otherwise; all per process, i.e. per rank under DDP or DeepSpeed):
+
+* ``parameters`` / ``trainable_parameters``: element counts of the whole model (under ZeRO-3, where a
+  rank holds only a partition, the full counts DeepSpeed records as ``ds_numel``);
+* ``parameter_bytes``: the model's parameters this rank holds (its partition under ZeRO-3);
+* ``optimizer_state_bytes``: every tensor in the torch optimizer's ``state`` (Adam's exp_avg, exp_avg_sq,
+  step counters...), each storage counted once. Under DeepSpeed ZeRO-1/2/3 the optimizer's parameters
+  are DeepSpeed's flat fp32 partitions, so this is the rank's share. Optimizers create state on their
+  first step: it is 0 at the start;
+* ``gradient_bytes``: the ``.grad`` of the tensors the optimizer updated at its last step (read by a
+  step pre-hook, because gradients are freed right after the step): the full gradients without ZeRO,
+  the rank's flat fp32 gradient partition under ZeRO-1/2/3. 0 before the first step;
+* ``peak_memory_mb``: the process's peak resident memory (``ru_maxrss``) on CPU, or the peak memory torch
+  allocated on the GPU (``torch.cuda.max_memory_allocated``).
+
+With LoRA the optimizer holds only the adapters, so optimizer state and gradients shrink with the
+trainable fraction (benchmarks/lora_memory.py measures it on a 124M-parameter GPT-2).
+"""
+from __future__ import annotations
+
+import resource
+
+import torch
+
+
+def peak_memory_mb(device=None) -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def numel(p: torch.Tensor) -> int:
+    """A parameter's full element count: ZeRO-3 leaves an empty p.data and records the size as ds_numel."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def _held_bytes(p: torch.Tensor) -> int:
+    held = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition
+    t = held if held is not None else p
+    return t.numel() * t.element_size()
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages among ``tensors`` (views of one buffer count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            storage = t.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+
+
+class MemoryTracker:
+    """Call ``report()`` whenever a figure is wanted; ``optimizer`` is the torch optimizer itself (for
+    DeepSpeed, the client optimizer it wraps). Attaching adds a step pre-hook that notes gradient sizes."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+        # id(tensor) -> bytes of its gradient at its last step. ZeRO-1/2 call step() once per param group
+        # and ZeRO-3 once per sub-group, swapping param_groups around each call: keying by tensor sums the
+        # calls of one update without knowing where an update ends.
+        self._grad_bytes: dict[int, int] = {}
+        self._hook = optimizer.register_step_pre_hook(self._note_gradients)
+
+    def _note_gradients(self, optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._grad_bytes[id(p)] = p.grad.numel() * p.grad.element_size()
+
+    def report(self) -> dict:
+        params = list(self.model.parameters())
+        return dict(
+            parameters=sum(numel(p) for p in params),
+            trainable_parameters=sum(numel(p) for p in params if p.requires_grad),
+            parameter_bytes=sum(_held_bytes(p) for p in params),
+            optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
+            gradient_bytes=sum(self._grad_bytes.values()),
+            peak_memory_mb=round(peak_memory_mb(), 1),
+        )
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def format_report(report: dict) -> str:
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    return (f"{report['parameters']:,} parameters ({report['trainable_parameters']:,} trainable, "
+            f"{mib(report['parameter_bytes'])} held), optimizer state {mib(report['optimizer_state_bytes'])}, "
+            f"gradients {mib(report['gradient_bytes'])}, peak process memory {report['peak_memory_mb']:,.1f} MiB")
