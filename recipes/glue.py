@@ -6,7 +6,7 @@ N processes on one machine (DDP; on a CPU-only machine prefix ACCELERATE_USE_CPU
     accelerate launch --multi_gpu --num_processes 2 recipes/glue.py --task_name mrpc ...
 DeepSpeed ZeRO (ds_configs/README.md), one or several machines: the backend comes from an accelerate
 config, not from this file (launch/run.py runs the same command on a CPU-only machine):
-    accelerate launch --config_file launch/deepspeed_single_node.yaml \
+    accelerate launch --config_file launch/deepspeed_single_node.yaml \\
         --deepspeed_config_file ds_configs/zero2.json --mixed_precision bf16 recipes/glue.py ...
 
 With no --model_name_or_path, the model is the pip-shipped all-MiniLM-L6-v2 (no hub needed). Data:
