@@ -30,9 +30,12 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no_adaptive_momentum", action="store_true", help="adaptopt: switch off adaptive b1")
     g.add_argument("--momentum_rate", type=float, default=None, help="adaptopt: how strongly b1 follows the path")
     g.add_argument("--optimizer_impl", choices=["auto", "fused", "eager"], default="auto",
-                   help="adaptopt's update: 'fused' = the torch.compile-d single-pass kernel (4-5x faster step, "
-                        "compiles once, cached across runs); 'eager' = plain PyTorch ops, same math; 'auto' = "
-                        "fused if torch.compile works on this machine, else eager with a warning saying why")
+                   help="how the update runs, same math either way. adaptopt: 'fused' = the torch.compile-d "
+                        "single-pass kernel (4-5x faster step, compiles once, cached across runs), 'eager' = plain "
+                        "PyTorch ops. torch baselines: 'fused' = torch's fused kernel (adam, adamw, sgd, momentum, "
+                        "adagrad), 'eager' = torch's default. 'auto' = the fused one where it works on this device "
+                        "(adaptopt: if torch.compile works, else eager with a warning saying why; rmsprop, which "
+                        "has no fused kernel: foreach)")
     g.add_argument("--fused_optimizer", dest="optimizer_impl", action="store_const", const="fused",
                    help="same as --optimizer_impl fused")
 
@@ -107,10 +110,12 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--max_grad_norm must be >= 0 (0 disables clipping; got {args.max_grad_norm})")
     if args.optimizer != "adaptopt":
         used = [f for f in ("no_adaptive_lr", "no_adaptive_momentum") if getattr(args, f)]
-        used += ["optimizer_impl"] if args.optimizer_impl != "auto" else []
         used += [f for f in ("hypergrad_rate", "momentum_rate") if getattr(args, f) is not None]
         if used:
             parser.error(f"--{', --'.join(used)} only apply to --optimizer adaptopt (got --optimizer {args.optimizer})")
+    if args.optimizer_impl == "fused" and args.optimizer != "adaptopt" and not _has_fused_kernel(args.optimizer):
+        parser.error(f"--optimizer_impl fused: torch's {OPTIMIZERS[args.optimizer][0].__name__} has no fused kernel; "
+                     "use --optimizer_impl auto (foreach) or eager")
     if args.lr_scheduler == "cyclical" and not args.cycle_steps:
         parser.error("--lr_scheduler cyclical needs --cycle_steps (updates per half cycle)")
     if args.merge_lora and not args.lora:
@@ -134,8 +139,34 @@ def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, d
         hp.update(adaptive_lr=not args.no_adaptive_lr, adaptive_momentum=not args.no_adaptive_momentum,
                   hypergrad_rate=args.hypergrad_rate, momentum_rate=args.momentum_rate,
                   fused=_use_fused(args.optimizer_impl, device))
+    else:
+        hp.update(_torch_impl(args.optimizer, args.optimizer_impl, device))
     return build_optimizer(args.optimizer, model, max_grad_norm=(args.max_grad_norm or None) if clip else None,
                            adaptive_clip=args.adaptive_clip and clip, **hp)
+
+
+def _has_fused_kernel(name: str) -> bool:
+    import inspect
+
+    return "fused" in inspect.signature(OPTIMIZERS[name][0]).parameters
+
+
+def _torch_impl(name: str, impl: str, device) -> dict:
+    """The flag that selects a torch optimizer's implementation. 'auto' matters for fair comparisons: torch
+    defaults to a per-tensor loop on CPU (foreach only on CUDA), while HF Trainer defaults to fused AdamW,
+    so a baseline left at torch's default would be timed on its slowest path."""
+    if impl == "eager":
+        return {}
+    import torch
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    device_type = torch.device(device or "cpu").type
+    if _has_fused_kernel(name) and device_type in _get_fused_kernels_supported_devices():
+        return {"fused": True}
+    if impl == "fused":
+        raise ValueError(f"--optimizer_impl fused: torch's fused {name} does not run on {device_type}; "
+                         "use --optimizer_impl auto or eager")
+    return {"foreach": True}
 
 
 def _use_fused(impl: str, device) -> bool:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SQUAD = Path(os.environ.get("SQUAD_DIR") or REPO.parent / "shared" / "data" / "squad")
+from conftest import REPO, SQUAD
 TRAIN_PARAGRAPHS, VALID_PARAGRAPHS = 160, 30  # slices of the real text: a few hundred 64-token blocks
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real GLUE files, a tiny randomly initialised BERT, and a recipe launcher."""
+"""Shared fixtures: the real GLUE and SQuAD files, a tiny randomly initialised BERT, and a recipe launcher."""
 import os
 import subprocess
 import sys
@@ -9,14 +9,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The real data (../shared/data), overridable as the benchmarks' --data_dir/--squad_dir are.
+GLUE = Path(os.environ.get("GLUE_DIR") or REPO.parent / "shared" / "data" / "glue")
+SQUAD = Path(os.environ.get("SQUAD_DIR") or REPO.parent / "shared" / "data" / "squad")
 
 
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
-    path = Path(os.environ.get("GLUE_DIR") or REPO.parent / "shared" / "data" / "glue")
-    if not (path / "MRPC" / "dev.tsv").is_file():
-        pytest.skip(f"real GLUE data not found at {path} (set GLUE_DIR)")
-    return path
+    if not (GLUE / "MRPC" / "dev.tsv").is_file():
+        pytest.skip(f"real GLUE data not found at {GLUE} (set GLUE_DIR)")
+    return GLUE
+
+
+@pytest.fixture(scope="session")
+def squad_dir() -> Path:
+    if not (SQUAD / "dev-v1.1-part.json").is_file():
+        pytest.skip(f"real SQuAD data not found at {SQUAD} (set SQUAD_DIR)")
+    return SQUAD
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ gives AdaptOpt a reduce_fn under ZeRO and counts applied updates for the schedul
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The recipes' shared flags: which AdaptOpt update --optimizer_impl picks, and its fallback."""
+"""The recipes' shared flags: which update --optimizer_impl picks (AdaptOpt and the torch baselines), and its
+fallback."""
 import argparse
 import logging
 
@@ -38,9 +39,44 @@ def test_auto_falls_back_to_eager_and_says_why(caplog):
     assert "compiled update does not work here" in caplog.text and "meta" in caplog.text
 
 
-def test_impl_flags_only_apply_to_adaptopt():
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "momentum", "adagrad"])
+def test_auto_gives_torch_baselines_their_fused_kernel(name):
+    # HF Trainer defaults to fused AdamW; a baseline left at torch's CPU default (a per-tensor loop) would be
+    # timed on its slowest path
+    opt = cli.optimizer_from_args(parse("--optimizer", name), nn.Linear(4, 2))
+    assert all(g["fused"] for g in opt.param_groups)
+    eager = cli.optimizer_from_args(parse("--optimizer", name, "--optimizer_impl", "eager"), nn.Linear(4, 2))
+    assert not any(g["fused"] for g in eager.param_groups)
+
+
+def test_rmsprop_has_no_fused_kernel():
+    opt = cli.optimizer_from_args(parse("--optimizer", "rmsprop"), nn.Linear(4, 2))
+    assert all(g["foreach"] for g in opt.param_groups)
     with pytest.raises(SystemExit):
-        parse("--optimizer", "adamw", "--optimizer_impl", "eager")
+        parse("--optimizer", "rmsprop", "--optimizer_impl", "fused")
+
+
+def test_fused_torch_baseline_steps_like_the_eager_one():
+    import torch
+
+    torch.manual_seed(0)
+    models = [nn.Linear(8, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [cli.optimizer_from_args(parse("--optimizer", "adamw", "--learning_rate", "1e-2", *impl), m)
+            for impl, m in zip([[], ["--optimizer_impl", "eager"]], models)]
+    x = torch.randn(16, 8)
+    for _ in range(5):
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()  # clipping at the default 1.0 runs as the step pre-hook on both
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adaptopt_only_flags_are_refused_for_other_optimizers():
+    with pytest.raises(SystemExit):
+        parse("--optimizer", "adamw", "--no_adaptive_lr")
 
 
 @pytest.mark.parametrize("total, warmup", [(1, 0), (2, 1), (10, 1), (100, 10)])

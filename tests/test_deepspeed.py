@@ -31,6 +31,9 @@ CASES += [[o, c, "fp16", "overflow"] for o, c in
 CASES += [["adaptopt", c, "fp32", "fused"] for c in CONFIGS]
 CASES += [["adaptopt", "zero0.json", "fp32", "fused+adaptive_clip"], ["adaptopt", "zero2.json", "bf16", "fused"],
           ["adaptopt", "zero2.json", "fp16", "fused+overflow"]]
+# torch's own fused kernels, which the recipes pick for the baselines (--optimizer_impl auto), on the same partitions
+CASES += [["adamw", c, "fp32", "fused"] for c in ("zero0.json", "zero2.json", "zero3.json")]
+CASES += [["adamw", "zero2.json", "fp16", "fused+overflow"], ["momentum", "zero2.json", "fp32", "fused"]]
 
 # Stated tolerances. fp32: the same arithmetic up to the order of the gradient all-reduce. bf16/fp16: the
 # forward and backward run in 8/11-bit precision on half batches, so single gradient elements differ.

@@ -2,7 +2,6 @@
 each own half of one flat parameter vector; with ``reduce_fn`` = all_reduce, the adaptive statistics
 and the clipping norm are global, so the result equals the single-process run."""
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -2,24 +2,13 @@
 from logits (a round trip through oracle logits on the real data), with hand-built decoding cases;
 SQuAD v2.0 (unanswerable questions, null score threshold) the same ways."""
 import json
-import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from adaptopt.data.squad import (SquadDataError, best_answers, eval_features, is_squad_v2_file, load_squad,
                                  read_squad_file, train_features)
-from conftest import REPO
-
-
-@pytest.fixture(scope="session")
-def squad_dir() -> Path:
-    path = Path(os.environ.get("SQUAD_DIR") or REPO.parent / "shared" / "data" / "squad")
-    if not (path / "dev-v1.1-part.json").is_file():
-        pytest.skip(f"real SQuAD data not found at {path} (set SQUAD_DIR)")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, launch
-from test_squad_data import make_unanswerable, squad_dir  # noqa: F401 (the real-data fixture)
+from test_squad_data import make_unanswerable
 
 sys.path.insert(0, str(REPO / "recipes"))
 import squad as squad_recipe  # noqa: E402
