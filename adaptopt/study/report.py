@@ -224,4 +224,7 @@ def _method_section() -> list[str]:
             "'not significant' is not 'equal'.",
             "- Train time is the training loop only (evaluation excluded), as the recipe measures it; runs sharing "
             "the cores (`--jobs` > 1) each get cores/jobs threads.",
+            "- Every optimizer runs its fast implementation (the recipes' `--optimizer_impl auto`): AdaptOpt's "
+            "compiled update (its compilation or cache load on the first step counts as train time), torch's fused "
+            "kernels for adam, adamw, sgd, momentum and adagrad, foreach for rmsprop (torch has no fused one).",
             "- The seed sets weight init of the classifier head, data order, dropout and any training subsample.", ""]
