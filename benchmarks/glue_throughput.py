@@ -85,6 +85,11 @@ def recipe_samples_per_second(args, optimizer: str, extra: list[str]) -> float:
         return json.loads((Path(out) / "results.json").read_text())["train_samples_per_second"]
 
 
+# name -> (recipe --optimizer, extra recipe arguments)
+VARIANTS = {"recipe_adamw": ("adamw", []), "recipe_adaptopt": ("adaptopt", []),
+            "recipe_adaptopt_eager": ("adaptopt", ["--optimizer_impl", "eager"])}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=os.environ.get("GLUE_DIR"), help="GLUE TSV root (default $GLUE_DIR)")
@@ -95,13 +100,16 @@ def main():
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="recipe configurations to time against the Trainer (default: all)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     if not args.data_dir:
         parser.error("pass --data_dir or set GLUE_DIR")
 
-    variants = {"recipe_adamw": ("adamw", []), "recipe_adaptopt": ("adaptopt", []),
-                "recipe_adaptopt_eager": ("adaptopt", ["--optimizer_impl", "eager"])}
+    if "recipe_adaptopt" not in args.variants:
+        parser.error("--variants must include recipe_adaptopt: the last line is its ratio to the Trainer")
+    variants = {name: VARIANTS[name] for name in args.variants}
     runs: dict[str, list[float]] = {name: [] for name in ["hf_trainer_adamw", *variants]}
     for round_ in range(args.rounds):  # interleaved, so a slow spell of the machine hits every configuration
         print(f"round {round_ + 1}/{args.rounds}", flush=True)
