@@ -48,7 +48,7 @@ DEEPSPEED = "DeepSpeedCPUAdam"
 FLOOR = "memory-bandwidth floor"
 TENSORS_PER_STEP = 7  # an Adam step reads p, g, m, v and writes p, m, v
 MIN_JUDGED_REPEATS = 10  # fewer timed rounds give a table but no verdict
-NOISY_QUARTILES = 1.3  # a row whose upper quartile exceeds its lower one by more than this is not judged
+NOISY_QUARTILES = 1.5  # a row whose upper quartile exceeds its lower one by more than this is not judged
 
 
 def quartile_ratio(times: list[float]) -> float:
@@ -188,8 +188,9 @@ def main(argv=None) -> dict:
         ratio = median[TARGET] / ds
         # DeepSpeed's step is a bandwidth-bound C++ loop: far above the floor, the timings measure
         # something else (seen on an oversubscribed VM: each OpenMP region waited ms for its 2nd thread).
-        # Another busy process on the cores spreads the timings of a row far apart (seen: a 2-thread
-        # recipe beside a 1-thread run of this script gave quartiles 1.8x apart and a bogus "met").
+        # Another busy process on the cores slows some rounds more than others (seen: 2 rounds beside a
+        # 2-thread training run slowed DeepSpeed's steps more than AdaptOpt's and printed a bogus "met").
+        # Quiet runs on the AMD machine of docs/performance.md have quartile ratios up to 1.3.
         few = args.repeats < MIN_JUDGED_REPEATS
         noisy = [] if few else [name for name in (TARGET, DEEPSPEED, FLOOR)
                                 if quartile_ratio(times[name]) > NOISY_QUARTILES]
