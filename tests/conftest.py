@@ -85,16 +85,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def deepspeed_fp16_on_this_cpu() -> bool:
-    """Whether DeepSpeed accepts fp16 here. On a CPU its engine refuses fp16 ("Type fp16 is not supported
-    on your device") unless oneDNN has fp16 kernels (AVX-512-FP16 / AMX CPUs): the project's Intel
-    machines have them, its AMD AVX2 machines do not. A GPU run is not affected."""
-    from deepspeed.accelerator import get_accelerator
-
-    return bool(get_accelerator().is_fp16_supported())
-
-
-needs_deepspeed_fp16 = pytest.mark.skipif(
-    not deepspeed_fp16_on_this_cpu(), reason="DeepSpeed refuses fp16 on this CPU (no oneDNN fp16 kernels)")
