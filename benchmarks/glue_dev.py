@@ -3,7 +3,7 @@ dev metrics, updates, wall time and samples/s, with the exact command of every r
 
     HF_HUB_OFFLINE=1 python benchmarks/glue_dev.py --data_dir ../shared/data/glue --out runs/glue_dev
 
-Each task runs once (seed 42, batch 32, max_length 128, 3 epochs, fp32, one process) through
+Each task runs once (seed 42, batch 32, max_length 128, --epochs epochs (3 by default), fp32, one process) through
 `accelerate launch`; finished tasks (results.json present) are not rerun, so the script can be
 restarted after an interruption. Prints a Markdown table to paste into docs/results.md.
 """
@@ -32,7 +32,7 @@ def command(task: str, args, out: Path) -> list[str]:
     return ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no", "recipes/glue.py", "--task_name", task, "--data_dir", args.data_dir,
             "--output_dir", str(out), "--optimizer", args.optimizer, "--seed", "42",
-            "--per_device_train_batch_size", "32", "--max_length", "128", "--num_train_epochs", "3",
+            "--per_device_train_batch_size", "32", "--max_length", "128", "--num_train_epochs", str(args.epochs),
             *(["--learning_rate", str(args.learning_rate)] if args.learning_rate else []),
             *TASKS[task]["extra"], *args.extra]
 
@@ -43,6 +43,7 @@ def main():
     parser.add_argument("--out", default="runs/glue_dev", help="one sub-folder per task")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--optimizer", default="adaptopt")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs per task")
     parser.add_argument("--learning_rate", type=float, default=None, help="default: the optimizer's default")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more recipe arguments")
     args = parser.parse_args()
