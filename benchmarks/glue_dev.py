@@ -3,8 +3,8 @@ dev metrics, updates, wall time and samples/s, with the exact command of every r
 
     HF_HUB_OFFLINE=1 python benchmarks/glue_dev.py --data_dir ../shared/data/glue --out runs/glue_dev
 
-Each task runs once (seed 42, batch 32, max_length 128, --epochs epochs (3 by default), fp32, one process) through
-`accelerate launch`; finished tasks (results.json present) are not rerun, so the script can be
+Each task runs once (seed 42, batch 32, max_length 128, --epochs epochs (3 by default), fp32, one
+process) through `accelerate launch`; finished tasks (results.json present) are not rerun, so the script can be
 restarted after an interruption. Prints a Markdown table to paste into docs/results.md.
 """
 from __future__ import annotations
