@@ -344,6 +344,9 @@ def run_main(setup: Callable[[], tuple], train: Callable[..., dict], input_error
         sys.exit(2)
     try:
         return train(*inputs, preemption)
+    except input_errors as err:  # bad input that shows only once the model is loaded: same line, same code
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except TooManySkippedUpdates as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)

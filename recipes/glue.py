@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from adaptopt import cli  # noqa: E402
 from adaptopt.data.glue import GLUE_TASKS, GlueDataError, glue_dir_from_env, load_glue  # noqa: E402
 from adaptopt.models import resolve_model  # noqa: E402
+from adaptopt.pooling import POOLINGS, PoolingError, apply_classifier_pooling  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
 from adaptopt.training import RecipeRun, check_run_inputs, run_main  # noqa: E402
 
@@ -54,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="AutoModelForSequenceClassification name or path (default: embedded all-MiniLM-L6-v2)")
     g.add_argument("--ignore_mismatched_sizes", action="store_true",
                    help="replace a checkpoint's classifier head of another size (e.g. fine-tuned on another task)")
+    g.add_argument("--classifier_pooling", choices=POOLINGS, default=None,
+                   help="what the classifier reads: cls (the [CLS] pooler, transformers' default) or mean (masked "
+                        "mean of the token states, how all-MiniLM-L6-v2 was trained; BERT-style models). "
+                        "Default: the model config's classifier_pooling, else cls")
     cli.add_optimization_args(parser)
     cli.add_run_args(parser)
     args = parser.parse_args(argv)
@@ -157,6 +162,8 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
         problem_type="regression" if task.is_regression else "single_label_classification",
         ignore_mismatched_sizes=args.ignore_mismatched_sizes,
     )
+    model = apply_classifier_pooling(model, args.classifier_pooling)
+    logger.info(f"classifier pooling: {getattr(model.config, 'classifier_pooling', None) or 'cls'}")
     model = run.apply_lora(model, "SEQ_CLS")
     train_dl, eval_dls = build_dataloaders(args, raw, tokenizer)
     model, eval_dls = run.prepare(model, train_dl, eval_dls)
@@ -198,7 +205,7 @@ def main(argv=None) -> dict:
         args = parse_args(argv)
         return args, load_data(args), resolve_model(args.model_name_or_path), check_run_inputs(args)
 
-    return run_main(setup, train, input_errors=(GlueDataError,))
+    return run_main(setup, train, input_errors=(GlueDataError, PoolingError))
 
 
 if __name__ == "__main__":

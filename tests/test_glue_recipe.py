@@ -45,13 +45,15 @@ def test_one_process_trains_evaluates_and_checkpoints(glue_dir, tiny_bert, tmp_p
 
 def test_stsb_regression_reports_pearson_and_spearman(glue_dir, tiny_bert, tmp_path):
     out = tmp_path / "stsb"
-    # a torch baseline with the clip hook attached, through accelerate's optimizer wrapper
-    args = common(glue_dir, tiny_bert, out, "--max_train_steps", "3", "--optimizer", "adamw")
+    # a torch baseline with the clip hook attached, through accelerate's optimizer wrapper; mean pooling
+    args = common(glue_dir, tiny_bert, out, "--max_train_steps", "3", "--optimizer", "adamw",
+                  "--classifier_pooling", "mean", "--save_model")
     args[1] = "stsb"
     launch("recipes/glue.py", args)
     r = results(out)
     assert {"pearson", "spearmanr"} <= set(r) and "accuracy" not in r
     assert r["optimizer"] == "adamw" and r["completed_steps"] == 3
+    assert json.loads((out / "model" / "config.json").read_text())["classifier_pooling"] == "mean"
 
 
 def test_resumed_run_continues_exactly(glue_dir, tiny_bert, tmp_path):
