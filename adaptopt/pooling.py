@@ -39,8 +39,10 @@ class MaskedMeanPooler(nn.Module):
         if hidden_states.dim() != 3:
             raise ValueError(f"mean pooling needs (batch, tokens, hidden) states, got shape {tuple(hidden_states.shape)}")
         mask = self.attention_mask
-        if mask is None or mask.dim() != 2 or mask.shape != hidden_states.shape[:2]:
-            mask = hidden_states.new_ones(hidden_states.shape[:2])  # no padding mask given: every token counts
+        if mask is None:  # called without a padding mask: every token counts, as in the model itself
+            mask = hidden_states.new_ones(hidden_states.shape[:2])
+        elif mask.shape != hidden_states.shape[:2]:  # e.g. a 4-D attention bias: no per-token mask to average by
+            raise ValueError(f"mean pooling needs a (batch, tokens) attention mask, got shape {tuple(mask.shape)}")
         weights = mask.to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
