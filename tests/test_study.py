@@ -332,20 +332,25 @@ def live_processes_in_group(pgid: int) -> list[int]:
     return live
 
 
-def test_a_study_stopped_mid_run_kills_the_run_and_resumes_it(glue_dir, tiny_bert, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_study_stopped_mid_run_kills_the_run_and_resumes_it(stop, glue_dir, tiny_bert, tmp_path):
+    """SIGTERM as a scheduler or `kill` sends it; SIGINT to a study started the way `nohup ... &` in a script
+    starts it, with SIGINT ignored, which Python would otherwise keep ignoring."""
     config = {"seeds": [1], "tasks": ["mrpc"], "optimizers": ["adamw"],
               "args": {"data_dir": str(glue_dir), "model_name_or_path": str(tiny_bert), "max_train_samples": 48,
                        "max_eval_samples": 64, "per_device_train_batch_size": 16, "max_train_steps": 3}}
     path, out = tmp_path / "one.yaml", tmp_path / "out"
     path.write_text(yaml.safe_dump(config))
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if stop == "SIGINT" else None
     study = subprocess.Popen([sys.executable, "-m", "adaptopt.study", "--config", str(path), "--output_dir", str(out)],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=ignore_sigint)
     run_json = out / "runs" / "mrpc-adamw-lr5e-05-seed1" / "run.json"
     deadline = time.monotonic() + 120
     while not (run_json.is_file() and "pid" in json.loads(run_json.read_text())):
         assert time.monotonic() < deadline and study.poll() is None, "the run never started"
         time.sleep(0.2)
-    study.send_signal(signal.SIGTERM)  # as a scheduler or `kill` would stop it
+    study.send_signal(getattr(signal, stop))
     assert study.wait(timeout=60) == 130, study.communicate()
     info = json.loads(run_json.read_text())
     assert info["status"] == "interrupted" and not (run_json.parent / "results.json").exists()

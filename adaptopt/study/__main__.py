@@ -140,6 +140,9 @@ def main(argv=None) -> int:
         (study.output_dir / "study.yaml").write_text(study.text)  # the file as it was when these runs ran
         # SIGTERM (a scheduler, `kill`) stops the runs in flight like Ctrl-C does, instead of orphaning them.
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        # SIGINT too, explicitly: a runner started in the background of a script (`nohup ... &`) inherits an
+        # ignored SIGINT, Python then keeps ignoring it, and `kill -INT` would leave the study running.
+        signal.signal(signal.SIGINT, _raise_interrupt)
         try:
             Runner(study, jobs=args.jobs, timeout=args.timeout).run(selected, retry_failed=not args.skip_failed)
         except KeyboardInterrupt:
