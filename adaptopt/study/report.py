@@ -55,6 +55,9 @@ def write_report(study: Study, summary: dict, plots: dict[str, Path], path: Path
         counts += f", {runs['pending']} not run yet"
     lines += ["Reproduce (resumable: finished runs are skipped):", "", "```bash", shlex.join(command), "```", "",
               f"{counts}. Seeds: {study.seeds}.", ""]
+    if runs["pending"] or runs["failed"]:
+        lines += ["**This study is not complete.** Every table uses only the finished runs: a mean over fewer seeds "
+                  "than the study asks for is a preliminary figure, and a verdict without a p-value is not one.", ""]
     if example_run:
         lines += ["Each run is one process in its own folder (`runs/<name>/`: results.json, train_log.jsonl, run.json "
                   "with its exact command, stdout/stderr logs); for example:", "", "```bash", shlex.join(example_run),
