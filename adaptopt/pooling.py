@@ -66,6 +66,8 @@ def apply_classifier_pooling(model, pooling: str | None):
     if pooling not in POOLINGS:
         raise PoolingError(f"classifier pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     if pooling == "cls":
+        if getattr(model.config, "classifier_pooling", None) == "mean":  # an explicit cls over a mean export:
+            model.config.classifier_pooling = "cls"  # its pooler starts fresh (transformers warns), and says so
         return model
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     # A BertPooler-style module is called with the whole sequence (B, T, H); ALBERT's plain Linear pooler

@@ -42,6 +42,8 @@ def test_mean_pooling_drops_the_pooler_and_survives_save_and_load(tiny_bert, tmp
     kwargs = dict(input_ids=ids, attention_mask=(ids != 0).long())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**kwargs).logits, mean_model(**kwargs).logits)
+    overridden = classifier(tmp_path, "cls")  # asked for explicitly: the [CLS] pooler, and the config follows
+    assert type(overridden.bert.pooler).__name__ == "BertPooler" and overridden.config.classifier_pooling == "cls"
 
 
 def test_unknown_pooling_and_models_without_a_sequence_pooler_are_refused(tiny_bert):
