@@ -65,10 +65,15 @@ def apply_classifier_pooling(model, pooling: str | None):
     pooling = pooling or getattr(model.config, "classifier_pooling", None) or "cls"
     if pooling not in POOLINGS:
         raise PoolingError(f"classifier pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
-    if pooling == "cls":
-        if getattr(model.config, "classifier_pooling", None) == "mean":  # an explicit cls over a mean export:
-            model.config.classifier_pooling = "cls"  # its pooler starts fresh (transformers warns), and says so
-        return model
+    if pooling == "mean":
+        _use_mean_pooling(model)
+    # The config is the one record of the choice: an export says how it classifies, and an explicit cls over
+    # a mean export is written back as cls (its pooler then starts fresh; transformers warns).
+    model.config.classifier_pooling = pooling
+    return model
+
+
+def _use_mean_pooling(model) -> None:
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     # A BertPooler-style module is called with the whole sequence (B, T, H); ALBERT's plain Linear pooler
     # is called with the [CLS] state only, and RoBERTa's head reads [CLS] itself: neither can be swapped.
@@ -81,5 +86,3 @@ def apply_classifier_pooling(model, pooling: str | None):
     pooler = MaskedMeanPooler()
     base.pooler = pooler
     base.register_forward_pre_hook(_remember_mask(pooler), with_kwargs=True)
-    model.config.classifier_pooling = "mean"
-    return model

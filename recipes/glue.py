@@ -163,7 +163,7 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
         ignore_mismatched_sizes=args.ignore_mismatched_sizes,
     )
     model = apply_classifier_pooling(model, args.classifier_pooling)
-    logger.info(f"classifier pooling: {getattr(model.config, 'classifier_pooling', None) or 'cls'}")
+    logger.info(f"classifier pooling: {model.config.classifier_pooling}")
     model = run.apply_lora(model, "SEQ_CLS")
     train_dl, eval_dls = build_dataloaders(args, raw, tokenizer)
     model, eval_dls = run.prepare(model, train_dl, eval_dls)
