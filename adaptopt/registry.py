@@ -33,12 +33,36 @@ OPTIMIZERS: dict[str, tuple[type, dict]] = {
     "adaptopt": (AdaptOpt, dict(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)),
 }
 
+# Constructor arguments that pick an implementation (or AdaptOpt's sharding hook), not the math: left out
+# of the hyperparameters a run records.
+IMPLEMENTATION_ARGS = frozenset({"params", "foreach", "fused", "capturable", "differentiable", "reduce_fn"})
+
 # Names of parameters that never get weight decay (biases, LayerNorm/RMSNorm weights).
 NO_DECAY_MARKERS = ("bias", "layernorm", "layer_norm", "ln_", ".norm", "rmsnorm")
 
 
 def optimizer_names() -> list[str]:
     return list(OPTIMIZERS)
+
+
+def default_hyperparameters(name: str) -> dict:
+    """Every hyperparameter ``build_optimizer(name, ...)`` uses where the caller sets none: the registry's
+    defaults over the class's own signature defaults. The optimizer study records them with each run, so
+    that a library default changed later (say AdaptOpt's ``hypergrad_rate``) cannot pass for the old one."""
+    import inspect
+
+    cls, defaults = OPTIMIZERS[name.lower()]
+    signature = {k: v.default for k, v in inspect.signature(cls).parameters.items()
+                 if v.default is not inspect.Parameter.empty and k not in IMPLEMENTATION_ARGS}
+    return {**signature, **defaults}
+
+
+def run_hyperparameters(optimizer: torch.optim.Optimizer) -> dict:
+    """The hyperparameters an optimizer was built with (its ``defaults``), for results.json: without the
+    implementation switches and without AdaptOpt's run-time scalars (the LR scale and path statistics).
+    Clipping is not among them: the recipe's --max_grad_norm sets it (and under DeepSpeed the engine clips)."""
+    runtime = {"lr_scale", "path_cos", "pending_stats", "pending_step"}
+    return {k: v for k, v in optimizer.defaults.items() if k not in IMPLEMENTATION_ARGS and k not in runtime}
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:

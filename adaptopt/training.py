@@ -36,6 +36,7 @@ from .checkpointing import load_progress, resolve_resume, save_checkpoint
 from .distributed import DeepSpeedRun, fix_cpu_deepspeed_state
 from .memory import MemoryTracker, format_report, numel, peak_memory_mb
 from .models import ModelNotFoundError
+from .registry import run_hyperparameters
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
 from .skipped import TooManySkippedUpdates, UpdateMonitor
 
@@ -270,6 +271,8 @@ class RecipeRun:
         return dict(
             **fields, optimizer=self.args.optimizer, seed=self.args.seed,
             **results,
+            # what the optimizer ran with, defaults included: a library default changed later stays visible
+            optimizer_hyperparameters=run_hyperparameters(self.base_optimizer),
             completed_steps=self.completed_steps, train_loss=self.last_train_loss,
             train_time_s=self.train_time,
             # samples/s over the updates this process ran (a resumed run counts only its own part)

@@ -86,3 +86,15 @@ def test_every_optimizer_reduces_a_convex_loss(name):
         opt.step()
     last = loss_fn(model(x), y).item()
     assert last < 0.8 * first, (name, first, last)
+
+
+def test_default_hyperparameters_are_the_registry_over_the_class_without_implementation_switches():
+    from adaptopt.registry import default_hyperparameters, run_hyperparameters
+
+    adamw = default_hyperparameters("adamw")
+    assert adamw["lr"] == 5e-5 and adamw["weight_decay"] == 0.01 and adamw["amsgrad"] is False  # registry, class
+    assert not {"foreach", "fused", "capturable", "differentiable"} & set(adamw)
+    adaptopt = default_hyperparameters("AdaptOpt")
+    assert adaptopt["hypergrad_rate"] == 0.1 and adaptopt["lr"] == 2e-5 and "reduce_fn" not in adaptopt
+    used = run_hyperparameters(build_optimizer("adaptopt", [torch.nn.Parameter(torch.ones(2))], lr=1e-3))
+    assert used["lr"] == 1e-3 and used["hypergrad_rate"] == 0.1 and "lr_scale" not in used and "fused" not in used

@@ -369,3 +369,24 @@ def test_an_edited_study_file_does_not_mix_with_old_runs(tiny_study, capsys):
     edited.write_text(yaml.safe_dump(config, sort_keys=False))
     assert main(["--config", str(edited), "--output_dir", str(tiny_study["out"])]) == 2  # before running anything
     assert "ran with other arguments than the study file now gives" in capsys.readouterr().err
+
+
+def test_changed_library_defaults_do_not_mix_with_old_runs(tiny_study, capsys, monkeypatch):
+    """A run records the optimizer defaults it ran with (run.json) and the hyperparameters it used
+    (results.json), so a default changed later in the library refuses the old runs instead of passing
+    for them: the study file alone would not show it."""
+    from adaptopt import registry
+    from adaptopt.study.__main__ import main
+
+    out = tiny_study["out"]
+    info = json.loads((out / "runs" / "mrpc-adaptopt-lr0.001-seed1" / "run.json").read_text())
+    assert info["optimizer_defaults"]["hypergrad_rate"] == registry.default_hyperparameters("adaptopt")["hypergrad_rate"]
+    used = json.loads((out / "runs" / "mrpc-adaptopt-lr0.001-seed1" / "results.json").read_text())
+    assert used["optimizer_hyperparameters"]["hypergrad_rate"] == info["optimizer_defaults"]["hypergrad_rate"]
+    assert used["optimizer_hyperparameters"]["lr"] == 1e-3 and "lr_scale" not in used["optimizer_hyperparameters"]
+
+    cls, defaults = registry.OPTIMIZERS["adaptopt"]
+    monkeypatch.setitem(registry.OPTIMIZERS, "adaptopt", (cls, dict(defaults, hypergrad_rate=0.5)))
+    assert main(["--config", str(tiny_study["config_path"]), "--output_dir", str(out), "--report_only"]) == 2
+    err = capsys.readouterr().err
+    assert "with other optimizer defaults than the library now has" in err and "mrpc-adaptopt-lr0.001-seed" in err

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from ..registry import default_hyperparameters
 from .config import RunSpec, Study, StudyConfigError
 
 FINISHED, FAILED, PENDING = "finished", "failed", "pending"
@@ -79,18 +80,29 @@ def threads_per_run(launcher: list[str], jobs: int, cores: int) -> int:
     return max(1, cores // (jobs * max(1, processes)))
 
 
+def optimizer_defaults(name: str) -> dict:
+    """The library's defaults for the optimizer, as run.json stores them (JSON: tuples become lists)."""
+    return json.loads(json.dumps(default_hyperparameters(name)))
+
+
 def check_unchanged(study: Study, specs: list[RunSpec]) -> None:
-    """Refuses to mix results of an edited study file: a finished run must have run with today's arguments."""
-    changed = []
+    """Refuses to mix results of an edited study file or of changed library defaults: a finished run must
+    have run with today's arguments and today's optimizer defaults (the flags a study does not set)."""
+    changed, defaults = [], {}
     for spec in specs:
         directory = run_dir(study, spec)
         info = read_run_info(directory)
-        if run_status(directory) == FINISHED and info and info.get("recipe_args") != spec.recipe_args():
+        if run_status(directory) != FINISHED or not info:
+            continue
+        if spec.optimizer not in defaults:
+            defaults[spec.optimizer] = optimizer_defaults(spec.optimizer)
+        if info.get("recipe_args") != spec.recipe_args() or info.get("optimizer_defaults") != defaults[spec.optimizer]:
             changed.append(spec.name)
     if changed:
         raise StudyConfigError(
             f"{len(changed)} finished run(s) in {study.output_dir} ran with other arguments than the study file now "
-            f"gives (e.g. {', '.join(changed[:3])}): use a new --output_dir, or delete those run folders to redo them")
+            f"gives, or with other optimizer defaults than the library now has (e.g. {', '.join(changed[:3])}; "
+            "compare their run.json): use a new --output_dir, or delete those run folders to redo them")
 
 
 def stderr_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
@@ -176,7 +188,8 @@ class Runner:
             (out / "train_log.jsonl").unlink(missing_ok=True)
         cmd = launch_command(self.study, spec, out)
         info = dict(name=spec.name, task=spec.task, optimizer=spec.optimizer, learning_rate=spec.learning_rate,
-                    seed=spec.seed, variant=spec.variant, recipe_args=spec.recipe_args(), command=cmd,
+                    seed=spec.seed, variant=spec.variant, recipe_args=spec.recipe_args(),
+                    optimizer_defaults=optimizer_defaults(spec.optimizer), command=cmd,
                     omp_num_threads=self.threads, attempts=previous.get("attempts", 0) + 1,
                     started=datetime.now(timezone.utc).isoformat(timespec="seconds"), status="running")
         _write_json(out / "run.json", info)
