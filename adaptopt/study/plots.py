@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 
 PLOTS = ("loss_curves", "lr_schedule", "metric_bars", "lr_sensitivity", "ablation")
 
@@ -65,11 +66,21 @@ def write_plots(summary: dict, out_dir: Path) -> dict[str, Path]:
     for name, draw in (("loss_curves", _loss_curves), ("lr_schedule", _lr_schedule), ("metric_bars", _metric_bars),
                        ("lr_sensitivity", _lr_sensitivity), ("ablation", _ablation)):
         fig, axes = _figure(tasks)
-        if any([draw(summary["tasks"][task], ax, colors, task) for task, ax in axes.items()]):
+        drawn = {task: draw(summary["tasks"][task], ax, colors, task) for task, ax in axes.items()}
+        if any(drawn.values()):
+            for task in (t for t, ok in drawn.items() if not ok):  # a partial study: say so, not empty axes
+                _no_runs(axes[task], task)
             written[name] = _save(fig, out_dir / f"{name}.png")
         else:
             plt.close(fig)
     return written
+
+
+def _no_runs(ax, title: str) -> None:
+    ax.clear()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, "no finished runs for this plot yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_axis_off()
 
 
 def _loss_curves(task: dict, ax, colors, title: str) -> bool:
@@ -115,7 +126,7 @@ def _bars(ax, labels, groups, metric, colors_list):
     finite = [v for g in groups for v in g["stats"][metric]["values"]]
     if finite:  # zoom on the data: bars from 0 hide differences of a point or two
         lo, hi = min(finite), max(finite)
-        pad = max(hi - lo, 1e-3) * 0.6 + max(cis, default=0)
+        pad = max(hi - lo, 0.02) * 0.6 + max(cis, default=0)  # at least ~1 point around a single value
         ax.set_ylim(lo - pad, hi + pad)
 
 
@@ -141,6 +152,11 @@ def _lr_sensitivity(task: dict, ax, colors, title: str) -> bool:
     ax.set(title=f"{title}: {metric} vs learning rate", xlabel="learning rate", ylabel=f"{metric} (mean, 95% CI)")
     if drawn:
         ax.set_xscale("log")
+        # Ticks at the swept LRs only, written as the study file writes them (matplotlib's own log ticks
+        # label every minor tick, 2x10^-5 3x10^-5 ..., which overlap).
+        lrs = sorted({r["learning_rate"] for rows in task["lr_sensitivity"].values() for r in rows})
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.legend(fontsize=8)
     return drawn
 
