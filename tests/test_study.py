@@ -320,6 +320,18 @@ def test_plots_and_report_are_written(tiny_study):
     assert curve["step"] == [1, 2, 3] and curve["seeds"] == 2
 
 
+def test_plots_of_a_partial_study_mark_tasks_without_runs(tiny_study, tmp_path):
+    """A study that has run one task of several (as the project's own, run across sessions) still gets
+    every plot; the panels of the other tasks say that nothing has run yet."""
+    from adaptopt.study.plots import write_plots
+
+    summary = json.loads((tiny_study["out"] / "summary.json").read_text())
+    summary["tasks"]["rte"] = dict(primary_metric="accuracy", optimizers=[], lr_sensitivity={}, curves={}, ablation=None)
+    written = write_plots(summary, tmp_path)
+    assert sorted(written) == sorted(PLOTS)
+    assert all(path.read_bytes().startswith(PNG_SIGNATURE) for path in written.values())
+
+
 def live_processes_in_group(pgid: int) -> list[int]:
     """Processes of a process group that still run (zombies waiting for a reaper do not count)."""
     live = []
@@ -390,3 +402,5 @@ def test_changed_library_defaults_do_not_mix_with_old_runs(tiny_study, capsys, m
     assert main(["--config", str(tiny_study["config_path"]), "--output_dir", str(out), "--report_only"]) == 2
     err = capsys.readouterr().err
     assert "with other optimizer defaults than the library now has" in err and "mrpc-adaptopt-lr0.001-seed" in err
+    assert main(["--config", str(tiny_study["config_path"]), "--output_dir", str(out), "--plan"]) == 0
+    assert "warning: " in capsys.readouterr().err  # the plan shows the grid, and says the run would stop

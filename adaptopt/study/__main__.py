@@ -129,6 +129,10 @@ def main(argv=None) -> int:
         selected = [s for s in specs if args.tasks is None or s.task in args.tasks]
         if args.plan:
             print_plan(study, specs, selected)
+            try:
+                check_unchanged(study, specs)
+            except StudyConfigError as err:  # the plan is still worth reading; running would stop here
+                print(f"warning: {err}", file=sys.stderr)
             return 0
         check_unchanged(study, specs)
     except StudyConfigError as err:
