@@ -36,8 +36,8 @@ from .checkpointing import load_progress, resolve_resume, save_checkpoint
 from .distributed import DeepSpeedRun, fix_cpu_deepspeed_state
 from .memory import MemoryTracker, format_report, numel, peak_memory_mb
 from .models import ModelNotFoundError
-from .registry import run_hyperparameters
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
+from .registry import run_hyperparameters
 from .skipped import TooManySkippedUpdates, UpdateMonitor
 
 logger = get_logger(__name__)
