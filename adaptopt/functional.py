@@ -5,9 +5,10 @@ One math, three implementations of the same signature:
 - ``adaptopt_single_tensor``: a for-loop over tensors, written like ``torch.optim.AdamW``'s single-tensor
   path (same operation order, so with the adaptive parts off it is bit-identical to AdamW in float64);
 - ``adaptopt_foreach``: the same arithmetic with ``torch._foreach_*`` (fewer kernel launches);
-- ``adaptopt_compiled``: ``torch.compile``-d kernels, called on chunks of up to 8 equal-size tensors,
-  whose loop per tensor reads p, g, m, v once and writes p, m, v once (7 tensors: the memory-bandwidth
-  floor of an Adam step), with the adaptive-LR/momentum statistics reduced inside the same loop.
+- ``adaptopt_compiled``: one ``torch.compile``-d kernel, called on 8 tensors at a time, whose loop per
+  tensor reads p, g, m, v once and writes p, m, v once (7 tensors: the memory-bandwidth floor of an
+  Adam step), with the adaptive-LR/momentum statistics reduced inside the same loop. Small tensors are
+  concatenated into one first (see ``_SMALL_NUMEL``).
 
 Every function updates ``params``, ``exp_avgs``, ``exp_avg_sqs`` in place and, when ``want_stats`` is
 true, returns a float64 tensor ``[g·u, g·g, u·u]`` summed over the tensors given, where
@@ -20,6 +21,7 @@ different step counts (a parameter that got no gradient for a while).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -193,22 +195,35 @@ def _adaptopt_kernel(params, grads, exp_avgs, exp_avg_sqs, scalars) -> list[Tens
     return stats  # a flat list, not a stacked tensor: fewer graph nodes (see _CHUNK)
 
 
-# A call updates up to this many tensors of one size. Fewer calls save Python overhead (tens of us a
-# call, more than updating a 384-element tensor costs; 8 instead of 1 saves ~15% of the step), but past
-# ~10 tensors inductor stops fusing each tensor's sums into its update loop: its scheduler does not fuse
-# nodes that lie more than 64 apart in the graph, and the copies into p, m, v all sit at the graph's
-# end, after every tensor's sums.
+# Every compiled call updates exactly this many tensors (shorter lists are padded with dummies, below). Fewer
+# calls save Python and dispatch overhead (tens of us a call, more than updating a 384-element tensor
+# costs), but past ~10 tensors inductor stops fusing each tensor's sums into its update loop: its
+# scheduler does not fuse nodes that lie more than 64 apart in the graph, and the copies into p, m, v all
+# sit at the graph's end, after every tensor's sums.
 _CHUNK = 8
 
+# Tensors of at most this many elements (biases, LayerNorm weights) are updated together: their p, g, m, v
+# are concatenated into one flat tensor per step, updated by the same kernel, and p, m, v copied back. Each
+# tensor given to the kernel costs a loop of its own (~25 us on one CPU thread whatever its size), while
+# concatenating and copying back 16k elements costs about as much, so below this size gathering wins.
+_SMALL_NUMEL = 16384
+
+# The size of the dummy tensors that pad a call to _CHUNK tensors. Above 4096 because inductor's CPU code
+# sums tensors of more than 4096 elements by cascade and guards on that, so a dummy at or below it would
+# compile a second graph.
+_DUMMY_NUMEL = 4097
+
 _compiled_kernels: dict[bool, Callable] = {}
+_dummies: dict[tuple, list[tuple[Tensor, ...]]] = {}
 
 
 def _get_compiled_kernel(want_stats: bool) -> Callable:
-    # Compiled lazily: importing adaptopt must not pay for (or require) a compiler. Dynamic shapes, and
-    # chunks of 8, 4, 2 or 1 equal-size tensors (their sizes share one symbol): one graph per chunk length
-    # serves every model and ZeRO's flat shards. dtypes, devices, size-1 tensors and, on CPU, sizes above
-    # 4096 (summed by cascade) add graphs: 8 for a BERT in fp32, and past its recompile limit (default 8)
-    # dynamo raises under fullgraph=True, hence the higher limit.
+    # Compiled lazily: importing adaptopt must not pay for (or require) a compiler. Dynamic shapes with one
+    # size symbol per tensor, and always _CHUNK tensors a call: one graph serves every model, ZeRO's flat
+    # shards included (it compiles once, on the first step: ~2 s from inductor's disk cache, against ~13 s
+    # for the 8 graphs of one per chunk length and size class before). Other dtypes and devices, and a
+    # gathered small-tensor buffer of 4096 elements or fewer, add graphs; dynamo's default recompile limit
+    # (8) would make fullgraph=True raise past that, hence the higher limit.
     # cpp.dynamic_threads (CPU code only): without it inductor decides serial vs parallel loops from the
     # sizes of the first call, so a graph first compiled for 384-element tensors would also run the
     # 590k-element ones on one thread (measured on all-MiniLM-L6-v2 with 2 threads: the AdamW-only kernel
@@ -222,18 +237,32 @@ def _get_compiled_kernel(want_stats: bool) -> Callable:
     return _compiled_kernels[want_stats]
 
 
-def _equal_size_chunks(tensors: list[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` in chunks of _CHUNK, _CHUNK/2, ..., 1 tensors of one numel, dtype and device."""
-    by_kind: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_kind.setdefault((t.numel(), t.dtype, t.device), []).append(i)
-    chunks = []
-    for idx in by_kind.values():
-        while idx:
-            n = min(_CHUNK, 1 << (len(idx).bit_length() - 1))  # the largest power of two that fits
-            chunks.append(idx[:n])
-            idx = idx[n:]
-    return chunks
+def _dummy_slots(dtype: torch.dtype, device: torch.device) -> list[tuple[Tensor, ...]]:
+    """_CHUNK - 1 sets of (p, g, m, v) zeros that fill the empty places of a call. Distinct tensors (dynamo
+    compiles another graph when one tensor appears twice in a call). The kernel writes them, and their
+    results and path sums are discarded."""
+    key = (dtype, device)
+    if key not in _dummies:
+        _dummies[key] = [tuple(torch.zeros(_DUMMY_NUMEL, dtype=dtype, device=device) for _ in range(4))
+                         for _ in range(_CHUNK - 1)]
+    return _dummies[key]
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as a 1-D tensor on the same memory, and not a view: dynamo guards on the shape of a view's
+    base, which would compile a graph for each shape of parameter (2-D weights, 1-D biases, ...)."""
+    return (t.view(-1) if t.is_contiguous() else t.reshape(-1)).detach()
+
+
+def _no_duck_sizing():
+    """Dynamo gives tensors of equal size one size symbol when it compiles ("duck sizing") and then guards
+    that they stay equal, so a first call on 8 equal-size tensors would compile a graph that the next call,
+    with other sizes, cannot use. With this off every tensor gets its own symbol and one graph serves all."""
+    try:
+        from torch.fx.experimental import _config
+        return _config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):  # a torch without this switch: more graphs, same results
+        return contextlib.nullcontext()
 
 
 def adaptopt_compiled(
@@ -254,20 +283,45 @@ def adaptopt_compiled(
     if not params:
         return None
     kernel = _get_compiled_kernel(want_stats)
-    packed: dict[tuple, Tensor] = {}  # chunks whose tensors are at the same steps share (nearly always all)
+    # Flat (p, g, m, v, scalars) items for the kernel, by dtype and device: the large tensors as they are,
+    # the small ones concatenated per set of scalars (almost always one: every tensor at the same step).
+    items: dict[tuple, list[tuple]] = {}
+    small: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.numel() <= _SMALL_NUMEL:
+            small.setdefault((scalars[i], p.dtype, p.device), []).append(i)
+        else:
+            items.setdefault((p.dtype, p.device), []).append(
+                (_flat(p), _flat(grads[i]), _flat(exp_avgs[i]), _flat(exp_avg_sqs[i]), scalars[i]))
+    gathered = []
+    for (row, dtype, device), idx in small.items():
+        flat = [torch.cat([t[i].reshape(-1) for i in idx]) for t in (params, grads, exp_avgs, exp_avg_sqs)]
+        items.setdefault((dtype, device), []).append((*flat, row))
+        gathered.append((idx, flat))
+
     stats = []
-    for idx in _equal_size_chunks(params):
-        rows = tuple(scalars[i] for i in idx)
-        key = (rows, params[idx[0]].dtype, params[idx[0]].device)
-        if key not in packed:
-            packed[key] = _pack_scalars(list(rows), beta2, eps, params[idx[0]], grad_scale)
-        out = kernel(
-            [params[i].view(-1) for i in idx], [grads[i].reshape(-1) for i in idx],
-            [exp_avgs[i].view(-1) for i in idx], [exp_avg_sqs[i].view(-1) for i in idx], packed[key],
-        )
-        if want_stats:
-            stats += out
-    return torch.stack(stats).view(-1, 3).to(torch.float64).sum(0) if want_stats else None
+    packed: dict[tuple, Tensor] = {}  # calls whose tensors are at the same steps share (nearly always all)
+    for (dtype, device), todo in items.items():
+        dummies = _dummy_slots(dtype, device)
+        for start in range(0, len(todo), _CHUNK):
+            chunk = todo[start:start + _CHUNK]
+            real = len(chunk)
+            rows = tuple(item[4] for item in chunk) + (chunk[0][4],) * (_CHUNK - real)
+            chunk = [item[:4] for item in chunk] + dummies[:_CHUNK - real]
+            if rows not in packed:
+                packed[rows] = _pack_scalars(list(rows), beta2, eps, chunk[0][0], grad_scale)
+            with _no_duck_sizing():
+                out = kernel(*(list(ts) for ts in zip(*chunk)), packed[rows])
+            if want_stats:
+                stats += out[:3 * real]
+
+    for idx, (flat_p, _, flat_m, flat_v) in gathered:
+        sizes = [params[i].numel() for i in idx]
+        for tensors, flat in ((params, flat_p), (exp_avgs, flat_m), (exp_avg_sqs, flat_v)):
+            torch._foreach_copy_([tensors[i].view(-1) for i in idx], list(flat.split(sizes)))
+    if not want_stats:
+        return None
+    return torch.stack(stats).view(-1, 3).to(torch.float64).sum(0)
 
 
 def compiled_update_unavailable(device: torch.device | str = "cpu") -> str | None:

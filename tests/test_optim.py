@@ -7,7 +7,8 @@ import torch
 from adaptopt import AdaptOpt
 from adaptopt._reference import ReferenceAdaptOpt
 
-# Repeated sizes put several tensors in one compiled chunk (functional._equal_size_chunks).
+# Mixed shapes and sizes; all below functional._SMALL_NUMEL, so the compiled path concatenates them (the
+# test at the end covers its large tensors).
 SHAPES = [(7, 5), (5,), (3, 4, 2), (1,), (5,), (5, 7), (1,), (5,)]
 IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
 IMPL_IDS = ["single_tensor", "foreach", "compiled"]
@@ -314,3 +315,31 @@ def test_non_finite_gradient_mid_run_leaves_params_and_state_untouched(impl):
         for key, value in s.items():
             other = after_state["state"][i][key]
             assert torch.equal(other, value) if torch.is_tensor(value) else other == value
+
+
+def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_single_tensor():
+    """The compiled path updates tensors above functional._SMALL_NUMEL elements as they are, in calls of
+    _CHUNK padded with dummies, and concatenates the smaller ones. Ten large tensors (two calls, the second
+    padded) and small ones; two tensors miss their gradient on some steps, so tensors sit at different step
+    counts and the small ones split into several concatenations. Held to the single-tensor loop."""
+    from adaptopt import functional
+
+    big = functional._SMALL_NUMEL + 1
+    shapes = [(big + 7 * i,) for i in range(9)] + [(3, big // 3 + 1)] + SHAPES
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    runs = {}
+    for name, impl in {"compiled": dict(fused=True), "single": dict(foreach=False)}.items():
+        params = [p.clone().requires_grad_() for p in init]
+        opt = AdaptOpt(params, **ADAPTIVE, **impl)
+        grad_gen = torch.Generator().manual_seed(4)
+        for t in range(12):
+            for i, p in enumerate(params):
+                g = 0.5 * torch.randn(p.shape, generator=grad_gen, dtype=p.dtype) + 3 * (p.detach() - 1)
+                skipped = (i == 2 and t % 3 == 1) or (i == len(shapes) - 1 and t % 4 == 2)
+                p.grad = None if skipped else g
+            opt.step()
+        runs[name] = (params, opt.param_groups[0]["lr_scale"])
+    for a, b in zip(runs["compiled"][0], runs["single"][0]):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
+    assert runs["compiled"][1] == pytest.approx(runs["single"][1], rel=1e-10) and runs["single"][1] != 1.0
