@@ -220,10 +220,11 @@ _dummies: dict[tuple, list[tuple[Tensor, ...]]] = {}
 def _get_compiled_kernel(want_stats: bool) -> Callable:
     # Compiled lazily: importing adaptopt must not pay for (or require) a compiler. Dynamic shapes with one
     # size symbol per tensor, and always _CHUNK tensors a call: one graph serves every model, ZeRO's flat
-    # shards included (it compiles once, on the first step: ~2 s from inductor's disk cache, against ~13 s
-    # for the 8 graphs of one per chunk length and size class before). Other dtypes and devices, and a
-    # gathered small-tensor buffer of 4096 elements or fewer, add graphs; dynamo's default recompile limit
-    # (8) would make fullgraph=True raise past that, hence the higher limit.
+    # shards included. It compiles once, on the first step: all-MiniLM-L6-v2's first step took 5 s on one
+    # CPU thread with inductor's disk cache warm, against 12-13 s for the 8 graphs (one per chunk length
+    # and size class) before. Other dtypes and devices, and a concatenation of small tensors of 4096
+    # elements or fewer, add graphs; dynamo's default recompile limit (8) would make fullgraph=True raise
+    # past that, hence the higher limit.
     # cpp.dynamic_threads (CPU code only): without it inductor decides serial vs parallel loops from the
     # sizes of the first call, so a graph first compiled for 384-element tensors would also run the
     # 590k-element ones on one thread (measured on all-MiniLM-L6-v2 with 2 threads: the AdamW-only kernel
