@@ -203,14 +203,15 @@ def _adaptopt_kernel(params, grads, exp_avgs, exp_avg_sqs, scalars) -> list[Tens
 _CHUNK = 8
 
 # Tensors of at most this many elements (biases, LayerNorm weights) are updated together: their p, g, m, v
-# are concatenated into one flat tensor per step, updated by the same kernel, and p, m, v copied back. Each
+# are concatenated into one flat tensor per step (padded to _DUMMY_NUMEL elements if shorter), updated by
+# the same kernel, and p, m, v copied back. Each
 # tensor given to the kernel costs a loop of its own (~25 us on one CPU thread whatever its size), while
 # concatenating and copying back 16k elements costs about as much, so below this size gathering wins.
 _SMALL_NUMEL = 16384
 
-# The size of the dummy tensors that pad a call to _CHUNK tensors. Above 4096 because inductor's CPU code
-# sums tensors of more than 4096 elements by cascade and guards on that, so a dummy at or below it would
-# compile a second graph.
+# The size of the dummy tensors that pad a call to _CHUNK tensors, and the least size of a concatenation of
+# small tensors. Above 4096 because inductor's CPU code sums tensors of more than 4096 elements by cascade
+# and guards on that, so a tensor at or below it would compile a second graph.
 _DUMMY_NUMEL = 4097
 
 _compiled_kernels: dict[bool, Callable] = {}
@@ -222,9 +223,8 @@ def _get_compiled_kernel(want_stats: bool) -> Callable:
     # size symbol per tensor, and always _CHUNK tensors a call: one graph serves every model, ZeRO's flat
     # shards included. It compiles once, on the first step: all-MiniLM-L6-v2's first step took 5 s on one
     # CPU thread with inductor's disk cache warm, against 12-13 s for the 8 graphs (one per chunk length
-    # and size class) before. Other dtypes and devices, and a concatenation of small tensors of 4096
-    # elements or fewer, add graphs; dynamo's default recompile limit (8) would make fullgraph=True raise
-    # past that, hence the higher limit.
+    # and size class) before. Other dtypes and devices add graphs; dynamo's default recompile limit (8)
+    # would make fullgraph=True raise past that, hence the higher limit.
     # cpp.dynamic_threads (CPU code only): without it inductor decides serial vs parallel loops from the
     # sizes of the first call, so a graph first compiled for 384-element tensors would also run the
     # 590k-element ones on one thread (measured on all-MiniLM-L6-v2 with 2 threads: the AdamW-only kernel
@@ -239,20 +239,23 @@ def _get_compiled_kernel(want_stats: bool) -> Callable:
 
 
 def _dummy_slots(dtype: torch.dtype, device: torch.device) -> list[tuple[Tensor, ...]]:
-    """_CHUNK - 1 sets of (p, g, m, v) zeros that fill the empty places of a call. Distinct tensors (dynamo
-    compiles another graph when one tensor appears twice in a call). The kernel writes them, and their
-    results and path sums are discarded."""
+    """_CHUNK - 1 sets of (p, g, m, v) that fill the empty places of a call: zeros, and v = 1 so that nothing in
+    their update is 0 * inf (as for the padding of small tensors). Distinct tensors (dynamo compiles another
+    graph when one tensor appears twice in a call). The kernel writes them; their path sums are dropped."""
     key = (dtype, device)
     if key not in _dummies:
-        _dummies[key] = [tuple(torch.zeros(_DUMMY_NUMEL, dtype=dtype, device=device) for _ in range(4))
+        _dummies[key] = [tuple(torch.full((_DUMMY_NUMEL,), fill, dtype=dtype, device=device)
+                               for fill in (0.0, 0.0, 0.0, 1.0))
                          for _ in range(_CHUNK - 1)]
     return _dummies[key]
 
 
-def _flat(t: Tensor) -> Tensor:
+def _flat(t: Tensor, written: bool = True) -> Tensor:
     """``t`` as a 1-D tensor on the same memory, and not a view: dynamo guards on the shape of a view's
-    base, which would compile a graph for each shape of parameter (2-D weights, 1-D biases, ...)."""
-    return (t.view(-1) if t.is_contiguous() else t.reshape(-1)).detach()
+    base, which would compile a graph for each shape of parameter (2-D weights, 1-D biases, ...). A tensor
+    the kernel writes must be contiguous (``view`` raises otherwise, rather than updating a copy); a
+    gradient, only read, may be copied."""
+    return (t.view(-1) if written else t.reshape(-1)).detach()
 
 
 def _no_duck_sizing():
@@ -293,10 +296,15 @@ def adaptopt_compiled(
             small.setdefault((scalars[i], p.dtype, p.device), []).append(i)
         else:
             items.setdefault((p.dtype, p.device), []).append(
-                (_flat(p), _flat(grads[i]), _flat(exp_avgs[i]), _flat(exp_avg_sqs[i]), scalars[i]))
+                (_flat(p), _flat(grads[i], written=False), _flat(exp_avgs[i]), _flat(exp_avg_sqs[i]), scalars[i]))
     gathered = []
     for (row, dtype, device), idx in small.items():
-        flat = [torch.cat([t[i].reshape(-1) for i in idx]) for t in (params, grads, exp_avgs, exp_avg_sqs)]
+        # Padded to _DUMMY_NUMEL elements if shorter, for the same graph: zeros, and v = 1 so that every term
+        # of the padding's update and sums is 0 in any dtype (v = 0 gives 0 * inf in float16, eps being 0).
+        pad = max(0, _DUMMY_NUMEL - sum(params[i].numel() for i in idx))
+        flat = [torch.cat([t[i].reshape(-1) for i in idx]
+                          + ([torch.full((pad,), fill, dtype=dtype, device=device)] if pad else []))
+                for t, fill in ((params, 0.0), (grads, 0.0), (exp_avgs, 0.0), (exp_avg_sqs, 1.0))]
         items.setdefault((dtype, device), []).append((*flat, row))
         gathered.append((idx, flat))
 
@@ -319,7 +327,7 @@ def adaptopt_compiled(
     for idx, (flat_p, _, flat_m, flat_v) in gathered:
         sizes = [params[i].numel() for i in idx]
         for tensors, flat in ((params, flat_p), (exp_avgs, flat_m), (exp_avg_sqs, flat_v)):
-            torch._foreach_copy_([tensors[i].view(-1) for i in idx], list(flat.split(sizes)))
+            torch._foreach_copy_([tensors[i].view(-1) for i in idx], list(flat[:sum(sizes)].split(sizes)))
     if not want_stats:
         return None
     return torch.stack(stats).view(-1, 3).to(torch.float64).sum(0)
@@ -329,15 +337,18 @@ def compiled_update_unavailable(device: torch.device | str = "cpu") -> str | Non
     """None if the compiled path runs on ``device``; otherwise why not (e.g. no C++ compiler for
     inductor's CPU code, no Triton for CUDA), so a caller can fall back to the eager path and say why.
 
-    It runs the real kernel once on two small tensors, so its compilation is not wasted: a model's small
-    tensors (biases, LayerNorm weights) use the same graph."""
+    It runs the real kernel once, on float32 tensors of the size class a model's update uses (above
+    ``_SMALL_NUMEL`` elements), so its compilation is not wasted: the training step that follows reuses
+    the graph (for float32 parameters with the adaptive parts on, AdaptOpt's default)."""
     try:
-        tensors = [torch.zeros(64, device=device) for _ in range(3)]
-        grad = torch.ones(64, device=device)
+        numel = _SMALL_NUMEL + 1
+        tensors = [torch.zeros(numel, device=device) for _ in range(3)]
+        grad = torch.ones(numel, device=device)
         scalars = TensorScalars(step_size=1e-3, decay=1.0, beta1=0.9, bias_correction2_sqrt=0.1,
                                 bias_correction1_prev=1.0, bias_correction2_prev_sqrt=1.0)
-        adaptopt_compiled([tensors[0]], [grad], [tensors[1]], [tensors[2]], [scalars],
-                          beta2=0.999, eps=1e-8, want_stats=True)
+        with torch.no_grad():  # as in optimizer.step(): grad mode is part of what the compiled graph guards on
+            adaptopt_compiled([tensors[0]], [grad], [tensors[1]], [tensors[2]], [scalars],
+                              beta2=0.999, eps=1e-8, want_stats=True)
         if not torch.isfinite(tensors[0]).all() or float(tensors[0][0]) >= 0:  # it must have stepped downhill
             return "the compiled update ran but produced a wrong result"
     except Exception as err:  # any failure of the toolchain: the reason goes into the caller's warning

@@ -343,3 +343,19 @@ def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_s
     for a, b in zip(runs["compiled"][0], runs["single"][0]):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
     assert runs["compiled"][1] == pytest.approx(runs["single"][1], rel=1e-10) and runs["single"][1] != 1.0
+
+
+def test_compiled_update_check_compiles_the_graph_the_first_step_reuses():
+    """cli picks the compiled update after functional.compiled_update_unavailable() ran it once; that run must
+    compile the very graph a float32 model's step then uses (size class, grad mode), not a throwaway one."""
+    from torch._dynamo.utils import counters
+
+    from adaptopt.functional import compiled_update_unavailable
+
+    assert compiled_update_unavailable() is None  # CI's machine has inductor's C++ toolchain
+    compiled = counters["stats"]["unique_graphs"]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (40_000, 20_000, 300, 7)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    AdaptOpt(params, fused=True).step()
+    assert counters["stats"]["unique_graphs"] == compiled

@@ -404,3 +404,24 @@ def test_changed_library_defaults_do_not_mix_with_old_runs(tiny_study, capsys, m
     assert "with other optimizer defaults than the library now has" in err and "mrpc-adaptopt-lr0.001-seed" in err
     assert main(["--config", str(tiny_study["config_path"]), "--output_dir", str(out), "--plan"]) == 0
     assert "warning: " in capsys.readouterr().err  # the plan shows the grid, and says the run would stop
+
+
+def test_verdict_is_bold_only_with_every_seed_on_both_sides():
+    """A study run across sessions publishes partial reports: a yes/no from 1 seed a side must not read as a
+    result."""
+    from types import SimpleNamespace
+
+    from adaptopt.study import report
+    from adaptopt.study.stats import describe
+
+    study = SimpleNamespace(candidate="adaptopt", baseline="adamw", seeds=[1, 2, 3], default_lr=lambda name: 2e-5)
+
+    def verdict_row(cand, base):
+        c = dict(candidate=describe(cand), baseline=describe(base), baseline_lr=5e-5,
+                 diff=sum(cand) / len(cand) - sum(base) / len(base), welch=None, matches_or_beats=True)
+        summary = {"tasks": {"sst2": {"verdict": dict(metric="accuracy", baseline_lrs=[2e-5, 5e-5], at_default=c)}}}
+        return next(line for line in report._verdict_section(study, summary) if line.startswith("| sst2"))
+
+    assert verdict_row([0.854], [0.852]).endswith("| yes (preliminary: 1 vs 1 of 3 seeds) |")
+    assert verdict_row([0.85, 0.86, 0.855], [0.85, 0.84]).endswith("| yes (preliminary: 3 vs 2 of 3 seeds) |")
+    assert verdict_row([0.85, 0.86, 0.855], [0.85, 0.84, 0.845]).endswith("| **yes** |")

@@ -104,7 +104,7 @@ def _verdict_section(study: Study, summary: dict) -> list[str]:
         p = (c["welch"] or {}).get("p")
         rows.append([task, v["metric"], fmt_stat(c["candidate"], v["metric"]), f"{c['baseline_lr']:g}",
                      fmt_stat(c["baseline"], v["metric"]), f"{c['diff']:+.4f}", fmt_p(p),
-                     "**yes**" if c["matches_or_beats"] else "**no**"])
+                     _verdict_cell(c, len(study.seeds))])
         sentences.append(_sentence(task, v, c, cand, base))
     lines += _table(["task", "metric", f"{cand} (default LR)", f"{base} best LR", base, "difference", "Welch p",
                      "matches or beats?"], rows)
@@ -117,6 +117,16 @@ def _verdict_section(study: Study, summary: dict) -> list[str]:
                           f"{c['baseline_lr']:g}", fmt_stat(c["baseline"], verdicts[t]["metric"]), f"{c['diff']:+.4f}",
                           fmt_p((c["welch"] or {}).get("p"))] for t, c in best.items()])
     return lines
+
+
+def _verdict_cell(c: dict, n_seeds: int) -> str:
+    """Bold yes/no once both sides have every seed the study asks for. Before that the sign of a difference
+    between one or two runs a side is mostly noise, so the cell says how preliminary it is instead."""
+    word = "yes" if c["matches_or_beats"] else "no"
+    n_cand, n_base = c["candidate"]["n"], c["baseline"]["n"]
+    if n_cand < n_seeds or n_base < n_seeds:
+        return f"{word} (preliminary: {n_cand} vs {n_base} of {n_seeds} seeds)"
+    return f"**{word}**"
 
 
 def _sentence(task: str, v: dict, c: dict, cand: str, base: str) -> str:
