@@ -238,6 +238,9 @@ def _method_section() -> list[str]:
             "- Train time is the training loop only (evaluation excluded), as the recipe measures it; runs sharing "
             "the cores (`--jobs` > 1) each get cores/jobs threads.",
             "- Every optimizer runs its fast implementation (the recipes' `--optimizer_impl auto`): AdaptOpt's "
-            "compiled update (its compilation or cache load on the first step counts as train time), torch's fused "
-            "kernels for adam, adamw, sgd, momentum and adagrad, foreach for rmsprop (torch has no fused one).",
+            "compiled update, torch's fused kernels for adam, adamw, sgd, momentum and adagrad, foreach for rmsprop "
+            "(torch has no fused one). AdaptOpt's one-time compilation (or cache load) is not in its train time: "
+            "the recipe's check that the compiler works does it before the loop. Runs made before 2026-11-30 14:00 "
+            "compiled on their first update instead, so their train time includes it (17-22 s of a "
+            "15-30 min run, on the AMD machine with one thread).",
             "- The seed sets weight init of the classifier head, data order, dropout and any training subsample.", ""]
