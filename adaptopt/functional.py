@@ -204,9 +204,9 @@ _CHUNK = 8
 
 # Tensors of at most this many elements (biases, LayerNorm weights) are updated together: their p, g, m, v
 # are concatenated into one flat tensor per step (padded to _DUMMY_NUMEL elements if shorter), updated by
-# the same kernel, and p, m, v copied back. Each
-# tensor given to the kernel costs a loop of its own (~25 us on one CPU thread whatever its size), while
-# concatenating and copying back 16k elements costs about as much, so below this size gathering wins.
+# the same kernel, and p, m, v copied back. Each tensor given to the kernel costs a loop of its own
+# (~25 us on one CPU thread whatever its size), while concatenating and copying back 16k elements costs
+# about as much, so below this size gathering wins.
 _SMALL_NUMEL = 16384
 
 # The size of the dummy tensors that pad a call to _CHUNK tensors, and the least size of a concatenation of
@@ -221,7 +221,8 @@ _dummies: dict[tuple, list[tuple[Tensor, ...]]] = {}
 def _get_compiled_kernel(want_stats: bool) -> Callable:
     # Compiled lazily: importing adaptopt must not pay for (or require) a compiler. Dynamic shapes with one
     # size symbol per tensor, and always _CHUNK tensors a call: one graph serves every model, ZeRO's flat
-    # shards included. It compiles once, on the first step: all-MiniLM-L6-v2's first step took 5 s on one
+    # shards included. It compiles once, on the first call (the recipes make that call in their check that
+    # the compiler works, compiled_update_unavailable): all-MiniLM-L6-v2's first step took 5 s on one
     # CPU thread with inductor's disk cache warm, against 12-13 s for the 8 graphs (one per chunk length
     # and size class) before. Other dtypes and devices add graphs; dynamo's default recompile limit (8)
     # would make fullgraph=True raise past that, hence the higher limit.
