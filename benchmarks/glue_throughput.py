@@ -98,7 +98,12 @@ def compile_probe_seconds(threads: int) -> float:
             "t = time.perf_counter(); reason = compiled_update_unavailable(); "
             "print(time.perf_counter() - t if reason is None else reason)" % threads)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    return float(proc.stdout.strip().splitlines()[-1])
+    last = proc.stdout.strip().splitlines()[-1]
+    try:
+        return float(last)
+    except ValueError:  # the check printed why the compiled update does not run here
+        raise RuntimeError(f"adaptopt's compiled update does not run on this machine ({last}): the recipe would "
+                           "use its eager update, which this benchmark's recipe_adaptopt row does not describe") from None
 
 
 # name -> (recipe --optimizer, extra recipe arguments)
