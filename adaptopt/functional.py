@@ -214,6 +214,10 @@ _SMALL_NUMEL = 16384
 # and guards on that, so a tensor at or below it would compile a second graph.
 _DUMMY_NUMEL = 4097
 
+# What p, g, m, v of a dummy tensor or of a concatenation's padding hold: zeros, and v = 1 so that every term
+# of their update and path sums is 0 in any dtype (v = 0 gives 0 * inf in float16, where eps rounds to 0).
+_PAD_FILLS = (0.0, 0.0, 0.0, 1.0)
+
 _compiled_kernels: dict[bool, Callable] = {}
 _dummies: dict[tuple, list[tuple[Tensor, ...]]] = {}
 
@@ -240,13 +244,12 @@ def _get_compiled_kernel(want_stats: bool) -> Callable:
 
 
 def _dummy_slots(dtype: torch.dtype, device: torch.device) -> list[tuple[Tensor, ...]]:
-    """_CHUNK - 1 sets of (p, g, m, v) that fill the empty places of a call: zeros, and v = 1 so that nothing in
-    their update is 0 * inf (as for the padding of small tensors). Distinct tensors (dynamo compiles another
-    graph when one tensor appears twice in a call). The kernel writes them; their path sums are dropped."""
+    """_CHUNK - 1 sets of (p, g, m, v) (filled as _PAD_FILLS) that fill the empty places of a call. Distinct
+    tensors (dynamo compiles another graph when one tensor appears twice in a call). The kernel writes them;
+    their path sums are dropped."""
     key = (dtype, device)
     if key not in _dummies:
-        _dummies[key] = [tuple(torch.full((_DUMMY_NUMEL,), fill, dtype=dtype, device=device)
-                               for fill in (0.0, 0.0, 0.0, 1.0))
+        _dummies[key] = [tuple(torch.full((_DUMMY_NUMEL,), fill, dtype=dtype, device=device) for fill in _PAD_FILLS)
                          for _ in range(_CHUNK - 1)]
     return _dummies[key]
 
@@ -300,12 +303,11 @@ def adaptopt_compiled(
                 (_flat(p), _flat(grads[i], written=False), _flat(exp_avgs[i]), _flat(exp_avg_sqs[i]), scalars[i]))
     gathered = []
     for (row, dtype, device), idx in small.items():
-        # Padded to _DUMMY_NUMEL elements if shorter, for the same graph: zeros, and v = 1 so that every term
-        # of the padding's update and sums is 0 in any dtype (v = 0 gives 0 * inf in float16, eps being 0).
+        # Padded to _DUMMY_NUMEL elements if shorter, so that it runs in the same graph.
         pad = max(0, _DUMMY_NUMEL - sum(params[i].numel() for i in idx))
         flat = [torch.cat([t[i].reshape(-1) for i in idx]
                           + ([torch.full((pad,), fill, dtype=dtype, device=device)] if pad else []))
-                for t, fill in ((params, 0.0), (grads, 0.0), (exp_avgs, 0.0), (exp_avg_sqs, 1.0))]
+                for t, fill in zip((params, grads, exp_avgs, exp_avg_sqs), _PAD_FILLS)]
         items.setdefault((dtype, device), []).append((*flat, row))
         gathered.append((idx, flat))
 
