@@ -117,6 +117,24 @@ def test_glue_study_expands_to_the_issue_grid(monkeypatch):
     assert (study.candidate, study.baseline) == ("adaptopt", "adamw")
 
 
+def test_runs_patterns_select_by_run_name_and_refuse_a_pattern_that_matches_nothing(monkeypatch, capsys):
+    """--runs picks runs by name (shell patterns, combined with --tasks), so the runs a verdict needs can go
+    first; a pattern that matches no run stops with the reason instead of running nothing."""
+    from adaptopt.study.__main__ import main, select
+
+    monkeypatch.setenv("GLUE_DIR", "/data/glue")
+    specs = load_study(REPO / "studies" / "glue.yaml").runs()
+    verdict = select(specs, None, ["*-adamw-*", "*-adaptopt-lr2e-05-*"])
+    assert len(verdict) == 3 * 3 * (4 + 1)  # tasks x seeds x (AdamW's 4 LRs + AdaptOpt at its default)
+    assert [s for s in specs if s in verdict] == verdict  # plan order kept
+    assert {s.name for s in select(specs, ["rte"], ["*-adamw-*"])} == {
+        f"rte-adamw-lr{lr!r}-seed{seed}" for lr in (2e-5, 5e-5, 1e-4, 2e-4) for seed in (1, 2, 3)}
+    with pytest.raises(StudyConfigError, match="matches no run"):
+        select(specs, None, ["*-adamw-*", "*-adamx-*"])
+    assert main(["--config", str(REPO / "studies" / "glue.yaml"), "--plan", "--runs", "*-adamx-*"]) == 2
+    assert "--runs '*-adamx-*' matches no run" in capsys.readouterr().err
+
+
 def test_tiny_study_file_parses(monkeypatch):
     monkeypatch.setenv("GLUE_DIR", "/data/glue")
     study = load_study(REPO / "studies" / "tiny.yaml")

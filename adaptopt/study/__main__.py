@@ -4,6 +4,7 @@
     python -m adaptopt.study --config studies/glue.yaml --plan          # the grid and its status, no runs
     python -m adaptopt.study --config studies/glue.yaml --jobs 2        # 2 runs at a time (cores split)
     python -m adaptopt.study --config studies/glue.yaml --tasks mrpc    # run only MRPC's runs (report: all)
+    python -m adaptopt.study --config studies/glue.yaml --runs '*-adamw-*' '*-adaptopt-lr2e-05-*'   # by run name
     python -m adaptopt.study --config studies/glue.yaml --report_only   # tables, plots, report.md from what exists
     python -m adaptopt.study --config studies/glue.yaml --report_only --publish docs/study.md   # + a copy for docs/
 
@@ -14,6 +15,7 @@ Exit status: 0 when every selected run finished, 1 when some failed, 2 for a bad
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import shlex
@@ -40,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time; each gets OMP_NUM_THREADS = cores // (jobs x processes per run)")
     parser.add_argument("--tasks", nargs="+", default=None, help="run only these tasks' runs (the report covers all)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="PATTERN",
+                        help="run only runs whose name (see --plan; e.g. mrpc-adamw-lr5e-05-seed2) matches one of "
+                             "these shell patterns, e.g. '*-adamw-*' (quote them); combines with --tasks")
     parser.add_argument("--skip_failed", action="store_true", help="do not retry runs that failed before")
     parser.add_argument("--timeout", type=float, default=None, help="seconds after which a run is killed (failed)")
     mode = parser.add_mutually_exclusive_group()
@@ -54,6 +59,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.timeout is not None and args.timeout <= 0:
         parser.error(f"--timeout must be > 0 seconds (got {args.timeout})")
     return args
+
+
+def select(specs, tasks: list[str] | None, patterns: list[str] | None) -> list:
+    """The runs of ``specs`` that --tasks and --runs leave, in plan order. A pattern that matches no run
+    of the study is an error (a typo would otherwise run nothing and exit 0)."""
+    for pattern in patterns or []:
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in specs):
+            raise StudyConfigError(f"--runs {pattern!r} matches no run of the study (--plan lists their names, "
+                                   f"e.g. {specs[0].name})")
+    return [s for s in specs if (tasks is None or s.task in tasks)
+            and (patterns is None or any(fnmatch.fnmatchcase(s.name, p) for p in patterns))]
 
 
 def canonical_command(study: Study, args: argparse.Namespace) -> list[str]:
@@ -82,6 +98,9 @@ def print_plan(study: Study, specs, selected) -> None:
     if study.ablation:
         print(f"ablation of {study.ablation_optimizer}: {', '.join(study.ablation)}")
     print(f"seeds: {study.seeds}")
+    if len(selected) < len(specs):
+        todo = sum(run_status(run_dir(study, s)) != FINISHED for s in selected)
+        print(f"selected by --tasks/--runs: {len(selected)} runs, {todo} not finished")
     if selected:
         print("first run:\n  " + shlex.join(launch_command(study, selected[0], run_dir(study, selected[0]))))
 
@@ -126,7 +145,7 @@ def main(argv=None) -> int:
         unknown = sorted(set(args.tasks or []) - set(study.tasks))
         if unknown:
             raise StudyConfigError(f"--tasks {unknown} are not in the study (its tasks: {', '.join(study.tasks)})")
-        selected = [s for s in specs if args.tasks is None or s.task in args.tasks]
+        selected = select(specs, args.tasks, args.runs)
         if args.plan:
             print_plan(study, specs, selected)
             try:
