@@ -22,7 +22,8 @@ from adaptopt.registry import OPTIMIZERS
 from adaptopt.study import stats
 from adaptopt.study.config import FULL, StudyConfigError, load_study, to_flags
 from adaptopt.study.plots import PLOTS
-from adaptopt.study.runner import available_cores, stderr_tail, threads_per_run
+from adaptopt.study.runner import (CLAIM, SKIPPED, Runner, available_cores, claim_run, release_run,
+                                   run_dir, stderr_tail, threads_per_run)
 from conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -182,6 +183,38 @@ def test_stderr_tail_treats_progress_bar_rewrites_as_lines(tmp_path):
     assert stderr_tail(log, 3) == " 50%|#####\nTraceback\nValueError: bad"
 
 
+def test_runners_sharing_a_study_folder_never_run_the_same_run(tmp_path, monkeypatch):
+    """A run another live runner holds is skipped; a run finished after this runner listed it is skipped and
+    left as it is; a claim whose runner died on this host is taken over; nothing is launched here."""
+    import socket
+
+    monkeypatch.setenv("GLUE_DIR", "/data/glue")
+    study = load_study(REPO / "studies" / "tiny.yaml", tmp_path / "out")
+    spec = study.runs()[0]
+    out = run_dir(study, spec)
+    runner = Runner(study, log=lambda msg: None)
+
+    out.mkdir(parents=True)
+    (out / CLAIM).write_text(json.dumps(dict(host=socket.gethostname(), pid=os.getppid(), since="t")))
+    (outcome,) = runner.run([spec])
+    assert outcome.status == SKIPPED and f"held by runner pid {os.getppid()}" in outcome.error
+    assert not (out / "run.json").exists()  # not started
+    (out / CLAIM).write_text(json.dumps(dict(host="another-node", pid=1, since="t")))
+    assert "on another-node" in runner._run_one(spec).error  # another host's runner: honoured
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / CLAIM).write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid, since="t")))
+    (out / "results.json").write_text("{}")  # finished by that runner before it died
+    outcome = runner._run_one(spec)
+    assert outcome.status == SKIPPED and outcome.error == "finished by another runner"
+    assert not (out / CLAIM).exists() and (out / "results.json").read_text() == "{}"
+
+    assert claim_run(out) is None and "runner pid" in claim_run(out)  # O_EXCL: one claim at a time
+    release_run(out)
+    assert claim_run(out) is None
+
+
 # -- a tiny study, run for real ----------------------------------------------------------------------
 def study_cli(*args, check_code=None):
     proc = subprocess.run([sys.executable, "-m", "adaptopt.study", *map(str, args)], capture_output=True, text=True,
@@ -244,6 +277,7 @@ def test_study_runs_in_parallel_and_records_failed_runs(tiny_study):
         assert "--max_grad_norm must be >= 0" in info["stderr_tail"]
         assert info["error"].startswith("glue.py: error: --max_grad_norm must be >= 0")  # the cause, not accelerate's
         assert not (out / "runs" / name / "results.json").exists()
+    assert not list((out / "runs").glob(f"*/{CLAIM}"))  # every claim released
     for name in set(runs) - set(broken):
         assert infos[name]["status"] == "finished" and (out / "runs" / name / "results.json").is_file()
         if name != tiny_study["killed"].name:  # rerun later with --jobs 1

@@ -6,6 +6,11 @@ stdout.log and stderr.log. A run is finished when its results.json exists: the n
 it, so a study stopped at any point resumes where it was. A run that exits non-zero (or exits 0
 without results.json, or times out) is recorded as failed, with the tail of its stderr in run.json,
 and the other runs go on.
+
+Several runners may share one study folder (one per core or per machine, e.g. SLURM jobs on a shared
+file system): a runner claims a run before starting it (``runs/<run>/claim.json``, created atomically)
+and skips a run that another live runner holds or that finished since it made its list. A claim whose
+runner died on this host is taken over; one from another host is honoured until deleted.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +33,8 @@ from ..registry import default_hyperparameters
 from .config import RunSpec, Study, StudyConfigError
 
 FINISHED, FAILED, PENDING = "finished", "failed", "pending"
+SKIPPED = "skipped"  # held by another runner, or finished by one since this runner made its list
+CLAIM = "claim.json"
 ERROR_TAIL_LINES = 30
 _ERROR = re.compile(r"(^|\s|: )(error:|[A-Za-z_.]*(Error|Exception|Interrupt)\b)")
 
@@ -57,6 +65,58 @@ def run_status(directory: Path) -> str:
         return FINISHED
     info = read_run_info(directory)
     return FAILED if info and info.get("status") == FAILED else PENDING
+
+
+def claim_run(directory: Path) -> str | None:
+    """Claims the run in ``directory`` for this process. None when claimed; otherwise who holds it.
+
+    The claim is a file created with O_EXCL, so two runners on one file system cannot both get it. A
+    claim left by a dead process of this host (a runner killed with SIGKILL) is stale and taken over."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CLAIM
+    mine = dict(host=socket.gethostname(), pid=os.getpid(),
+                since=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):  # released or being written right now
+                held = {}
+            if held and not _stale(held):
+                return f"runner pid {held.get('pid')} on {held.get('host')} since {held.get('since')}"
+            if not held and path.exists():
+                return "another runner (its claim is being written)"
+            path.unlink(missing_ok=True)  # stale: its runner died; try once more
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        return None
+    return "another runner (it took the stale claim first)"
+
+
+def release_run(directory: Path) -> None:
+    path = directory / CLAIM
+    try:
+        held = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return
+    if held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def _stale(claim: dict) -> bool:
+    """A claim of this host whose process is gone. Another host's processes cannot be checked from here."""
+    if claim.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(claim["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return False
+    return False
 
 
 def launch_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
@@ -164,9 +224,11 @@ class Runner:
             for i, future in enumerate(as_completed(futures), 1):
                 outcome = future.result()
                 outcomes.append(outcome)
-                what = "finished" if outcome.status == FINISHED else (
-                    f"FAILED (exit {outcome.returncode}): {outcome.error}")
-                self.log(f"[{i}/{len(todo)}] {outcome.name} {what} in {outcome.wall_time_s / 60:.1f} min")
+                what = ("finished" if outcome.status == FINISHED else
+                        f"skipped: {outcome.error}" if outcome.status == SKIPPED else
+                        f"FAILED (exit {outcome.returncode}): {outcome.error}")
+                took = "" if outcome.status == SKIPPED else f" in {outcome.wall_time_s / 60:.1f} min"
+                self.log(f"[{i}/{len(todo)}] {outcome.name} {what}{took}")
         except KeyboardInterrupt:
             self._stopping.set()
             for future in futures:
@@ -181,7 +243,17 @@ class Runner:
         out = run_dir(self.study, spec)
         if self._stopping.is_set():
             return Outcome(spec.name, "interrupted", 0.0, None)
-        out.mkdir(parents=True, exist_ok=True)
+        holder = claim_run(out)
+        if holder is not None:
+            return Outcome(spec.name, SKIPPED, 0.0, None, f"held by {holder}")
+        try:
+            if run_status(out) == FINISHED:  # another runner finished it after this one made its list
+                return Outcome(spec.name, SKIPPED, 0.0, None, "finished by another runner")
+            return self._launch(spec, out)
+        finally:
+            release_run(out)
+
+    def _launch(self, spec: RunSpec, out: Path) -> Outcome:
         previous = read_run_info(out) or {}
         if "--resume_from_checkpoint" not in spec.flags:
             # A fresh attempt: the log of a cut-off attempt would otherwise mix into this one's curves.
