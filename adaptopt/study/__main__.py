@@ -99,10 +99,11 @@ def print_plan(study: Study, specs, selected) -> None:
         print(f"ablation of {study.ablation_optimizer}: {', '.join(study.ablation)}")
     print(f"seeds: {study.seeds}")
     if len(selected) < len(specs):
-        todo = sum(run_status(run_dir(study, s)) != FINISHED for s in selected)
-        print(f"selected by --tasks/--runs: {len(selected)} runs, {todo} not finished")
-    if selected:
-        print("first run:\n  " + shlex.join(launch_command(study, selected[0], run_dir(study, selected[0]))))
+        unfinished = sum(run_status(run_dir(study, s)) != FINISHED for s in selected)
+        print(f"selected by --tasks/--runs: {len(selected)} runs, {unfinished} not finished")
+    todo = [s for s in selected if run_status(run_dir(study, s)) != FINISHED]
+    if todo:
+        print("next run:\n  " + shlex.join(launch_command(study, todo[0], run_dir(study, todo[0]))))
 
 
 def report(study: Study, specs, args) -> dict:
