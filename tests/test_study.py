@@ -124,14 +124,17 @@ def test_runs_patterns_select_by_run_name_and_refuse_a_pattern_that_matches_noth
     from adaptopt.study.__main__ import main, select
 
     monkeypatch.setenv("GLUE_DIR", "/data/glue")
-    specs = load_study(REPO / "studies" / "glue.yaml").runs()
-    verdict = select(specs, None, ["*-adamw-*", "*-adaptopt-lr2e-05-*"])
+    study = load_study(REPO / "studies" / "glue.yaml")
+    specs = study.runs()
+    verdict = select(study, specs, None, ["*-adamw-*", "*-adaptopt-lr2e-05-*"])
     assert len(verdict) == 3 * 3 * (4 + 1)  # tasks x seeds x (AdamW's 4 LRs + AdaptOpt at its default)
     assert [s for s in specs if s in verdict] == verdict  # plan order kept
-    assert {s.name for s in select(specs, ["rte"], ["*-adamw-*"])} == {
+    assert {s.name for s in select(study, specs, ["rte"], ["*-adamw-*"])} == {
         f"rte-adamw-lr{lr!r}-seed{seed}" for lr in (2e-5, 5e-5, 1e-4, 2e-4) for seed in (1, 2, 3)}
     with pytest.raises(StudyConfigError, match="matches no run"):
-        select(specs, None, ["*-adamw-*", "*-adamx-*"])
+        select(study, specs, None, ["*-adamw-*", "*-adamx-*"])
+    with pytest.raises(StudyConfigError, match=r"--tasks \['qqp'\] are not in the study"):
+        select(study, specs, ["qqp"], None)
     assert main(["--config", str(REPO / "studies" / "glue.yaml"), "--plan", "--runs", "*-adamx-*"]) == 2
     assert "--runs '*-adamx-*' matches no run" in capsys.readouterr().err
 

@@ -61,9 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def select(specs, tasks: list[str] | None, patterns: list[str] | None) -> list:
-    """The runs of ``specs`` that --tasks and --runs leave, in plan order. A pattern that matches no run
-    of the study is an error (a typo would otherwise run nothing and exit 0)."""
+def select(study: Study, specs, tasks: list[str] | None, patterns: list[str] | None) -> list:
+    """The runs of ``specs`` that --tasks and --runs leave, in plan order. A task not in the study, or a
+    pattern that matches no run of it, is an error (a typo would otherwise run nothing and exit 0)."""
+    unknown = sorted(set(tasks or []) - set(study.tasks))
+    if unknown:
+        raise StudyConfigError(f"--tasks {unknown} are not in the study (its tasks: {', '.join(study.tasks)})")
     for pattern in patterns or []:
         if not any(fnmatch.fnmatchcase(s.name, pattern) for s in specs):
             raise StudyConfigError(f"--runs {pattern!r} matches no run of the study (--plan lists their names, "
@@ -98,10 +101,9 @@ def print_plan(study: Study, specs, selected) -> None:
     if study.ablation:
         print(f"ablation of {study.ablation_optimizer}: {', '.join(study.ablation)}")
     print(f"seeds: {study.seeds}")
-    if len(selected) < len(specs):
-        unfinished = sum(run_status(run_dir(study, s)) != FINISHED for s in selected)
-        print(f"selected by --tasks/--runs: {len(selected)} runs, {unfinished} not finished")
     todo = [s for s in selected if run_status(run_dir(study, s)) != FINISHED]
+    if len(selected) < len(specs):
+        print(f"selected by --tasks/--runs: {len(selected)} runs, {len(todo)} not finished")
     if todo:
         print("next run:\n  " + shlex.join(launch_command(study, todo[0], run_dir(study, todo[0]))))
 
@@ -143,10 +145,7 @@ def main(argv=None) -> int:
     try:
         study = load_study(args.config, args.output_dir)
         specs = study.runs()
-        unknown = sorted(set(args.tasks or []) - set(study.tasks))
-        if unknown:
-            raise StudyConfigError(f"--tasks {unknown} are not in the study (its tasks: {', '.join(study.tasks)})")
-        selected = select(specs, args.tasks, args.runs)
+        selected = select(study, specs, args.tasks, args.runs)
         if args.plan:
             print_plan(study, specs, selected)
             try:
