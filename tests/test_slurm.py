@@ -7,6 +7,8 @@
   recipe checkpoints and stops, the script requeues the job, the requeued job resumes from the checkpoint
   and ends with exactly the metrics of the uninterrupted run.
 
+- slurm/study.sbatch as a job array of 2 runners sharing one study folder: every run done exactly once.
+
 Tiny model (tests/conftest.py), a real MRPC slice, 60 updates of a few ms each.
 """
 import json
@@ -15,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 from slurm_cluster import Cluster, SlurmUnavailable
@@ -133,3 +136,33 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(script, cluster,
             assert r[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-7), key
         else:  # DDP: to the last bit
             assert r[key] == ref[key], key
+
+
+def test_study_job_array_runners_share_the_study_folder(cluster, glue_dir, tiny_bert, tmp_path):
+    """2 array tasks, one core each, run one tiny study in one folder: each run is run once, by one of them."""
+    config = {"seeds": [1, 2],
+              "args": {"data_dir": str(glue_dir), "model_name_or_path": str(tiny_bert), "max_train_samples": 32,
+                       "max_eval_samples": 32, "per_device_train_batch_size": 16, "max_train_steps": 2},
+              "tasks": ["mrpc"], "optimizers": ["adamw", "adaptopt"]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    job = cluster.sbatch(["--partition=debug", "--array=0-1", "--cpus-per-task=1", "--mem=0",  # EDIT: lines
+                          str(REPO / "slurm" / "study.sbatch"),
+                          "--config", str(tmp_path / "study.yaml"), "--output_dir", str(out)],
+                         cwd=tmp_path, env={"ADAPTOPT_DIR": str(REPO)})
+    logs = []
+    for task in (0, 1):
+        state = cluster.wait(f"{job}_{task}", 300)
+        logs.append((tmp_path / f"adaptopt-study-{job}_{task}.out").read_text(errors="replace"))
+        assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", f"{state}\n{logs[-1][-4000:]}"
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 4
+    for name in runs:
+        info = json.loads((out / "runs" / name / "run.json").read_text())
+        assert info["status"] == "finished" and info["attempts"] == 1, name
+        assert (out / "runs" / name / "results.json").is_file() and not (out / "runs" / name / "claim.json").exists()
+        ran = [log for log in logs if f"{name} finished in" in log]
+        assert len(ran) == 1, name  # by exactly one runner; the other skipped it or found it finished
+    for task, log in enumerate(logs):
+        assert f"runner {task} of job {job}" in log
+        assert "1 at a time, OMP_NUM_THREADS=1" in log  # the task's one CPU (SLURM_CPUS_PER_TASK)

@@ -22,6 +22,7 @@ from adaptopt.registry import OPTIMIZERS
 from adaptopt.study import stats
 from adaptopt.study.config import FULL, StudyConfigError, load_study, to_flags
 from adaptopt.study.plots import PLOTS
+from adaptopt.study import runner as runner_module
 from adaptopt.study.runner import (CLAIM, SKIPPED, Runner, available_cores, claim_run, release_run,
                                    run_dir, stderr_tail, threads_per_run)
 from conftest import REPO
@@ -216,6 +217,54 @@ def test_runners_sharing_a_study_folder_never_run_the_same_run(tmp_path, monkeyp
     assert claim_run(out) is None and "runner pid" in claim_run(out)  # O_EXCL: one claim at a time
     release_run(out)
     assert claim_run(out) is None
+
+
+def test_claims_are_leases_that_a_running_run_keeps_alive(tmp_path, monkeypatch):
+    """Another host's claim is honoured while it is touched and taken over once it is LEASE_S old; so is a
+    claim its runner died writing. While a run goes, its runner touches the claim every HEARTBEAT_S, warns
+    if the claim was taken from it, and kills the run at the study's timeout."""
+    monkeypatch.setenv("GLUE_DIR", "/data/glue")
+    monkeypatch.setattr(runner_module, "HEARTBEAT_S", 0.2)
+    out = tmp_path / "run"
+    out.mkdir()
+    claim, old = out / CLAIM, time.time() - runner_module.LEASE_S - 60
+    claim.write_text(json.dumps(dict(host="another-node", pid=1, since="t")))
+    assert "on another-node" in claim_run(out)
+    os.utime(claim, (old, old))  # that node crashed a lease ago
+    assert claim_run(out) is None and json.loads(claim.read_text())["pid"] == os.getpid()
+    claim.write_text("")  # a runner died between creating its claim and writing it
+    assert "being written" in claim_run(out)
+    os.utime(claim, (old, old))
+    assert claim_run(out) is None
+
+    def second_taker(seconds):  # another runner found the same stale claim and deleted ours: it holds the run
+        claim.write_text(json.dumps(dict(host="another-node", pid=2, since="t")))
+    claim.write_text(json.dumps(dict(host="another-node", pid=1, since="t")))
+    os.utime(claim, (old, old))
+    monkeypatch.setattr(runner_module.time, "sleep", second_taker)
+    assert "at the same time" in claim_run(out)
+    monkeypatch.undo()
+    monkeypatch.setenv("GLUE_DIR", "/data/glue")
+    monkeypatch.setattr(runner_module, "HEARTBEAT_S", 0.2)
+    claim.unlink()
+    assert claim_run(out) is None
+
+    logged = []
+    runner = Runner(load_study(REPO / "studies" / "tiny.yaml", tmp_path / "study"), log=logged.append)
+    os.utime(claim, (old, old))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"], start_new_session=True)
+    assert runner._wait(proc, out) == (0, False)
+    assert time.time() - claim.stat().st_mtime < 1.0 and not logged  # touched while the run went
+
+    claim.unlink()  # taken over (or deleted by hand) while the run goes: the runner says so, once
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"], start_new_session=True)
+    assert runner._wait(proc, out) == (0, False)
+    assert len(logged) == 1 and "claim was taken over or deleted" in logged[0] and not claim.exists()
+
+    runner.timeout = 0.5
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    start = time.monotonic()
+    assert runner._wait(proc, out) == (None, True) and time.monotonic() - start < 5 and proc.poll() is not None
 
 
 # -- a tiny study, run for real ----------------------------------------------------------------------

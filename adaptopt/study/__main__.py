@@ -10,7 +10,9 @@
 
 Writes into the study's output_dir: runs/<run>/ per run, summary.json (every number), plots/*.png,
 report.md. Stopping it (Ctrl-C) at any time is safe: the next invocation skips finished runs.
-Exit status: 0 when every selected run finished, 1 when some failed, 2 for a bad study file or flag.
+Exit status: 0 when every selected run finished (or is being run by another runner sharing the folder, e.g.
+the other tasks of slurm/study.sbatch's job array), 1 when some failed or were cut off, 2 for a bad study
+file or flag.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ from pathlib import Path
 
 from .aggregate import summarize
 from .config import FULL, Study, StudyConfigError, load_study
+from .files import write_atomically
 from .plots import write_plots
 from .records import load_records
 from .report import write_report
-from .runner import FAILED, FINISHED, Runner, check_unchanged, launch_command, run_dir, run_status
+from .runner import FAILED, FINISHED, SKIPPED, Runner, check_unchanged, launch_command, run_dir, run_status
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,7 +118,7 @@ def report(study: Study, specs, args) -> dict:
     first = next((r for r in records if r.info and r.info.get("command")), None)
     path = write_report(study, summary, plots, study.output_dir / "report.md", canonical_command(study, args),
                         first.info["command"] if first else None)
-    (study.output_dir / "summary.json").write_text(json.dumps(_no_nan(summary), indent=1))
+    write_atomically(study.output_dir / "summary.json", json.dumps(_no_nan(summary), indent=1))
     runs = summary["runs"]
     print(f"report: {path} ({runs['finished']} finished, {runs['failed']} failed, {runs['pending']} not run)")
     if args.publish:  # e.g. docs/study.md + docs/study_plots/*.png, with links that work from there
@@ -158,22 +161,30 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    held = set()  # runs another runner sharing the folder holds: still going, not this runner's to report missing
     if not args.report_only:
         study.output_dir.mkdir(parents=True, exist_ok=True)
-        (study.output_dir / "study.yaml").write_text(study.text)  # the file as it was when these runs ran
+        write_atomically(study.output_dir / "study.yaml", study.text)  # the file as it was when these runs ran
         # SIGTERM (a scheduler, `kill`) stops the runs in flight like Ctrl-C does, instead of orphaning them.
         signal.signal(signal.SIGTERM, _raise_interrupt)
         # SIGINT too, explicitly: a runner started in the background of a script (`nohup ... &`) inherits an
         # ignored SIGINT, Python then keeps ignoring it, and `kill -INT` would leave the study running.
         signal.signal(signal.SIGINT, _raise_interrupt)
         try:
-            Runner(study, jobs=args.jobs, timeout=args.timeout).run(selected, retry_failed=not args.skip_failed)
+            outcomes = Runner(study, jobs=args.jobs, timeout=args.timeout).run(selected,
+                                                                              retry_failed=not args.skip_failed)
+            held = {o.name for o in outcomes if o.status == SKIPPED}
         except KeyboardInterrupt:
             print("interrupted: runs in flight were stopped; run the same command again to resume", file=sys.stderr)
             return 130
     report(study, specs, args)
     failed = [s.name for s in selected if run_status(run_dir(study, s)) == FAILED]
     missing = [s.name for s in selected if run_status(run_dir(study, s)) not in (FINISHED, FAILED)]
+    others = [name for name in missing if name in held]
+    if others:
+        print(f"{len(others)} run(s) held by other runners sharing this folder: {', '.join(others[:5])}"
+              f"{' ...' if len(others) > 5 else ''}")
+    missing = [name for name in missing if name not in held]
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}",
               file=sys.stderr)

@@ -11,6 +11,7 @@ returns the ones it wrote.
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
+
+from .files import write_atomically  # noqa: E402
 
 PLOTS = ("loss_curves", "lr_schedule", "metric_bars", "lr_sensitivity", "ablation")
 
@@ -46,9 +49,10 @@ def _figure(tasks: list[str]):
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return write_atomically(path, png.getvalue())
 
 
 def _finite(x) -> float:

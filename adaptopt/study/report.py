@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from .config import Study
+from .files import write_atomically
 
 ALPHA = 0.05
 
@@ -81,8 +82,7 @@ def write_report(study: Study, summary: dict, plots: dict[str, Path], path: Path
                          for f in summary["failed"]])
     lines += _method_section()
     lines += ["## Study file", "", f"`{study.config_path}`:", "", "```yaml", study.text.rstrip(), "```", ""]
-    path.write_text("\n".join(lines))
-    return path
+    return write_atomically(path, "\n".join(lines))
 
 
 def _verdict_section(study: Study, summary: dict) -> list[str]:

@@ -9,8 +9,10 @@ and the other runs go on.
 
 Several runners may share one study folder (one per core or per machine, e.g. SLURM jobs on a shared
 file system): a runner claims a run before starting it (``runs/<run>/claim.json``, created atomically)
-and skips a run that another live runner holds or that finished since it made its list. A claim whose
-runner died on this host is taken over; one from another host is honoured until deleted.
+and skips a run that another live runner holds or that finished since it made its list. A claim is a
+lease: its runner touches it every HEARTBEAT_S while the run goes. A claim whose runner died on this host is
+taken over at once; one from another host (whose processes cannot be checked from here) once it has not been
+touched for LEASE_S, so a node that crashed or a job killed with SIGKILL holds its run for minutes, not forever.
 """
 from __future__ import annotations
 
@@ -31,10 +33,14 @@ from typing import Callable
 
 from ..registry import default_hyperparameters
 from .config import RunSpec, Study, StudyConfigError
+from .files import write_atomically
 
 FINISHED, FAILED, PENDING = "finished", "failed", "pending"
 SKIPPED = "skipped"  # held by another runner, or finished by one since this runner made its list
 CLAIM = "claim.json"
+HEARTBEAT_S = 60.0  # a runner touches its claim this often while its run goes
+TAKEOVER_SETTLE_S = 1.0  # after taking a stale claim over: time for a concurrent taker's delete to show
+LEASE_S = 900.0  # another host's claim untouched this long is stale: 15 heartbeats missed, file-system clocks apart
 ERROR_TAIL_LINES = 30
 _ERROR = re.compile(r"(^|\s|: )(error:|[A-Za-z_.]*(Error|Exception|Interrupt)\b)")
 
@@ -71,52 +77,79 @@ def claim_run(directory: Path) -> str | None:
     """Claims the run in ``directory`` for this process. None when claimed; otherwise who holds it.
 
     The claim is a file created with O_EXCL, so two runners on one file system cannot both get it. A
-    claim left by a dead process of this host (a runner killed with SIGKILL) is stale and taken over."""
+    stale claim (``_stale``: its runner died) is deleted and claimed anew. Two runners may find the same
+    stale claim, and the second one's delete may remove the first one's new claim, so after a takeover a
+    runner waits a moment and keeps the run only if the claim on disk is still its own."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CLAIM
     mine = dict(host=socket.gethostname(), pid=os.getpid(),
                 since=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    for _ in range(2):
+    took_over = False
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 held = json.loads(path.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):  # released or being written right now
+            except FileNotFoundError:  # released meanwhile: try again
+                continue
+            except json.JSONDecodeError:  # being written right now, or its runner died while writing it
                 held = {}
-            if held and not _stale(held):
-                return f"runner pid {held.get('pid')} on {held.get('host')} since {held.get('since')}"
-            if not held and path.exists():
-                return "another runner (its claim is being written)"
-            path.unlink(missing_ok=True)  # stale: its runner died; try once more
+            if not _stale(held, path):
+                return (f"runner pid {held.get('pid')} on {held.get('host')} since {held.get('since')}" if held
+                        else "another runner (its claim is being written)")
+            path.unlink(missing_ok=True)
+            took_over = True
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(mine, f)
+        if took_over:
+            time.sleep(TAKEOVER_SETTLE_S)
+            if not _is_mine(path):
+                return "another runner (it took the stale claim over at the same time)"
         return None
-    return "another runner (it took the stale claim first)"
+    return "another runner (the claim changed hands while this runner tried to take it)"
+
+
+def _is_mine(path: Path) -> bool:
+    try:
+        held = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()
 
 
 def release_run(directory: Path) -> None:
     path = directory / CLAIM
-    try:
-        held = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return
-    if held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
+    if _is_mine(path):
         path.unlink(missing_ok=True)
 
 
-def _stale(claim: dict) -> bool:
-    """A claim of this host whose process is gone. Another host's processes cannot be checked from here."""
-    if claim.get("host") != socket.gethostname():
+def refresh_claim(directory: Path) -> bool:
+    """Touches this process's claim (the lease's heartbeat). False if the claim is not ours any more: it
+    was taken over as stale (this runner was stopped for longer than LEASE_S) or deleted by hand."""
+    path = directory / CLAIM
+    if not _is_mine(path):
+        return False
+    os.utime(path)
+    return True
+
+
+def _stale(claim: dict, path: Path) -> bool:
+    """A claim of this host: its process is gone. Another host's claim (its processes cannot be checked from
+    here), or one that cannot be read (its runner died while writing it): not touched for LEASE_S."""
+    if claim.get("host") == socket.gethostname():
+        try:
+            os.kill(int(claim["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, TypeError, ValueError):
+            return False
         return False
     try:
-        os.kill(int(claim["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, TypeError, ValueError):
-        return False
-    return False
+        return time.time() - path.stat().st_mtime > LEASE_S
+    except FileNotFoundError:
+        return False  # released meanwhile: the next O_EXCL attempt decides
 
 
 def launch_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
@@ -126,7 +159,11 @@ def launch_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
 
 
 def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use; inside a SLURM job no more than its allocation (SLURM_CPUS_PER_TASK),
+    which a cluster without CPU binding does not show in the affinity mask."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cores
 
 
 def threads_per_run(launcher: list[str], jobs: int, cores: int) -> int:
@@ -279,10 +316,7 @@ class Runner:
             info["pid"] = proc.pid  # also the process group of the run (its own session)
             _write_json(out / "run.json", info)
             try:
-                returncode = proc.wait(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
+                returncode, timed_out = self._wait(proc, out)
             finally:
                 with self._lock:
                     self._active.discard(proc)
@@ -304,6 +338,23 @@ class Runner:
         _write_json(out / "run.json", info)
         return Outcome(spec.name, status, wall, returncode, error)
 
+    def _wait(self, proc: subprocess.Popen, out: Path) -> tuple[int | None, bool]:
+        """Waits for the run (return code, timed out), touching its claim every HEARTBEAT_S; kills it at the timeout."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        warned = False
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                return proc.wait(timeout=HEARTBEAT_S if left is None else max(0.0, min(HEARTBEAT_S, left))), False
+            except subprocess.TimeoutExpired:
+                if left is not None and left <= HEARTBEAT_S:
+                    _kill_group(proc)
+                    return None, True
+            if not refresh_claim(out) and not warned:
+                warned = True
+                self.log(f"warning: {out.name}: this runner's claim was taken over or deleted; another runner "
+                         f"may be running it too (was this runner stopped for over {LEASE_S:g} s?)")
+
     def _kill_all(self) -> None:
         with self._lock:
             procs = list(self._active)
@@ -320,6 +371,4 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)  # atomic: a study killed mid-write never leaves half a run.json
+    write_atomically(path, json.dumps(data, indent=2))  # a study killed mid-write never leaves half a run.json
