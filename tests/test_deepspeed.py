@@ -118,14 +118,29 @@ def _glue_args(glue_dir, tiny_bert, out, *extra):
     return common(glue_dir, tiny_bert, out, "--per_device_train_batch_size", "8", *extra)
 
 
+RUN_ARGS = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--adaptive_clip"]
+
+
+def _full_run(ds_config, glue_dir, tiny_bert, out):
+    """6 updates of one machine with 2 processes, checkpointing at update 3."""
+    launch("recipes/glue.py", _glue_args(glue_dir, tiny_bert, out, *RUN_ARGS), processes=2, ds_config=ds_config)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero2_full_run(glue_dir, tiny_bert, tmp_path_factory):
+    """Shared by the ZeRO-2 resume test and the two-machine test: each 2-process launch costs about 30 s."""
+    return _full_run("zero2.json", glue_dir, tiny_bert, tmp_path_factory.mktemp("zero2") / "full")
+
+
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
-def test_recipe_resumes_exactly_under_zero(ds_config, glue_dir, tiny_bert, tmp_path):
+def test_recipe_resumes_exactly_under_zero(ds_config, glue_dir, tiny_bert, tmp_path, request):
     """6 updates with a checkpoint at 3; a new launch resumes from it and ends with the same loss and
     metrics (model, AdaptOpt's sharded state, the adaptive clipping statistics, LR schedule, data position)."""
-    args = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--adaptive_clip"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch("recipes/glue.py", _glue_args(glue_dir, tiny_bert, full, *args), processes=2, ds_config=ds_config)
-    launch("recipes/glue.py", _glue_args(glue_dir, tiny_bert, resumed, *args, "--resume_from_checkpoint",
+    full = (request.getfixturevalue("zero2_full_run") if ds_config == "zero2.json"
+            else _full_run(ds_config, glue_dir, tiny_bert, tmp_path / "full"))
+    resumed = tmp_path / "resumed"
+    launch("recipes/glue.py", _glue_args(glue_dir, tiny_bert, resumed, *RUN_ARGS, "--resume_from_checkpoint",
                                          str(full / "checkpoints" / "step_00000003")), processes=2, ds_config=ds_config)
     a, b = results(full), results(resumed)
     assert a["num_processes"] == 2 and a["completed_steps"] == b["completed_steps"] == 6
@@ -133,12 +148,9 @@ def test_recipe_resumes_exactly_under_zero(ds_config, glue_dir, tiny_bert, tmp_p
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
 
 
-def test_two_machines_on_one_host_match_one_machine(glue_dir, tiny_bert, tmp_path):
+def test_two_machines_on_one_host_match_one_machine(glue_dir, tiny_bert, tmp_path, zero2_full_run):
     """Two accelerate launches with machine_rank 0 and 1 (DeepSpeed's standard multinode launcher) run
     ZeRO-2 to completion and give the metrics of one machine with 2 processes."""
-    args = ["--max_train_steps", "4"]
-    one = tmp_path / "one"
-    launch("recipes/glue.py", _glue_args(glue_dir, tiny_bert, one, *args), processes=2, ds_config="zero2.json")
     two = tmp_path / "two"
     port = str(_free_port())
     procs = []
@@ -147,14 +159,14 @@ def test_two_machines_on_one_host_match_one_machine(glue_dir, tiny_bert, tmp_pat
                str(REPO / "launch" / "deepspeed_multi_node.yaml"), "--deepspeed_config_file",
                str(REPO / "ds_configs" / "zero2.json"), "--num_machines", "2", "--num_processes", "2",
                "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-               str(REPO / "recipes" / "glue.py"), *_glue_args(glue_dir, tiny_bert, two, *args)]
+               str(REPO / "recipes" / "glue.py"), *_glue_args(glue_dir, tiny_bert, two, *RUN_ARGS)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=dict(os.environ, OMP_NUM_THREADS="1")))
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-6000:]
-    a, b = results(one), results(two)
-    assert b["num_processes"] == 2 and b["completed_steps"] == 4
+    a, b = results(zero2_full_run), results(two)
+    assert b["num_processes"] == 2 and b["completed_steps"] == 6
     for key in ("accuracy", "f1", "train_loss"):
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
 
