@@ -1,4 +1,4 @@
-"""recipes/clm.py launched for real (accelerate launch: 1 and 2 processes, DeepSpeed ZeRO-2/3 with LoRA) on tiny
+"""recipes/clm.py launched for real (accelerate launch: 1 and 2 processes, DeepSpeed ZeRO-3 with LoRA) on tiny
 random GPT-2 and LLaMA models and slices of real text (SQuAD paragraphs): perplexity, exact sharded evaluation,
 the memory report, LoRA adapters that reload in a fresh process with the same outputs, the merged model, bad input."""
 import json
@@ -74,18 +74,17 @@ def test_two_processes_give_the_same_perplexity_as_one(text_files, tiny_llama, t
     assert fresh["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
-def test_lora_adapters_saved_under_zero_reload_with_the_same_outputs(ds_config, text_files, tiny_gpt2, tmp_path):
-    """LoRA with 2 processes under ZeRO-2/3: the saved adapters are complete (a known failure elsewhere under
-    ZeRO-3: empty tensors), reload in a fresh process through peft with the in-training eval loss, and
-    (ZeRO-3, --merge_lora) the merged plain model gives it too."""
+def test_lora_adapters_saved_under_zero3_reload_with_the_same_outputs(text_files, tiny_gpt2, tmp_path):
+    """LoRA with 2 processes under ZeRO-3, where parameters are partitioned and saving must gather them: the
+    saved adapters are complete (a known failure elsewhere under ZeRO-3: empty tensors), reload in a fresh
+    process through peft with the in-training eval loss, and the merged plain model (--merge_lora) gives it
+    too. (ZeRO-2 keeps whole parameters on every rank, so its save is the plain one; it is not run here to
+    keep the suite within its time budget.)"""
     out = tmp_path / "lora"
-    merge = ds_config == "zero3.json"
     launch("recipes/clm.py", data_args(text_files, out, "--model_name_or_path", str(tiny_gpt2), "--lora",
                                        "--lora_r", "4", "--learning_rate", "2e-2", "--max_train_steps", "6",
-                                       "--per_device_train_batch_size", "4", "--save_model",
-                                       *(["--merge_lora"] if merge else [])),
-           processes=2, ds_config=ds_config)
+                                       "--per_device_train_batch_size", "4", "--save_model", "--merge_lora"),
+           processes=2, ds_config="zero3.json")
     r = results(out)
     assert r["num_processes"] == 2 and r["completed_steps"] == 6
     # rank-4 adapters on c_attn (64 -> 192) in 2 layers: A is 4x64, B is 192x4
@@ -104,17 +103,14 @@ def test_lora_adapters_saved_under_zero_reload_with_the_same_outputs(ds_config, 
         assert tensor.abs().min() > 0, name  # lora_B starts at zero: every entry moved, none left empty
     merged = out / "model_merged"
     # base alone: the adapters must change the outputs, or equal losses would prove nothing
-    models = [(tiny_gpt2, out / "model"), (tiny_gpt2, None)] + ([(merged, None)] if merge else [])
-    reloaded, base, *plain = eval_losses_in_fresh_process(models, text_files[1], BLOCK)
+    models = [(tiny_gpt2, out / "model"), (tiny_gpt2, None), (merged, None)]
+    reloaded, base, plain = eval_losses_in_fresh_process(models, text_files[1], BLOCK)
     assert reloaded["model_class"] == "PeftModelForCausalLM"
     assert reloaded["eval_loss"] == pytest.approx(r["eval_loss"], abs=1e-5)
     assert abs(base["eval_loss"] - r["eval_loss"]) > 1e-3
-    if merge:
-        assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
-        assert plain[0]["model_class"] == "GPT2LMHeadModel"
-        assert plain[0]["eval_loss"] == pytest.approx(r["eval_loss"], abs=1e-5)
-    else:
-        assert not merged.exists()
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    assert plain["model_class"] == "GPT2LMHeadModel"
+    assert plain["eval_loss"] == pytest.approx(r["eval_loss"], abs=1e-5)
 
 
 def _fails(argv, capsys) -> str:

@@ -472,6 +472,8 @@ def test_a_study_stopped_mid_run_kills_the_run_and_resumes_it(stop, glue_dir, ti
     info = json.loads(run_json.read_text())
     assert info["status"] == "interrupted" and not (run_json.parent / "results.json").exists()
     assert live_processes_in_group(info["pid"]) == []  # launcher and recipe are gone, not orphaned
+    if stop == "SIGINT":  # the resume after it is the same as after SIGTERM: one run of it keeps the suite short
+        return
     study_cli("--config", path, "--output_dir", out, check_code=0)
     info = json.loads(run_json.read_text())
     assert info["status"] == "finished" and info["attempts"] == 2
