@@ -79,6 +79,14 @@ class RecipeRun:
         self.completed_steps, self.start_epoch, self.batches_done = 0, 0, 0
         self.checkpoint: Path | None = None
         self.train_time, self.samples_seen, self.last_train_loss = 0.0, 0, None
+        # The loss over the current epoch's batches, for results.json's train_loss: the last epoch's mean over
+        # every rank's batches. A run resumed mid-epoch starts from the checkpoint's sum over all ranks
+        # (epoch_loss_restored) and adds this rank's batches since (epoch_loss_sum). That sum is kept in float64,
+        # where a sum of float32 losses is exact unless they span many orders of magnitude, so the different order
+        # of the additions leaves the figure as the uninterrupted run's. (MPS has no float64.)
+        self.epoch_loss_sum, self.epoch_loss_count, self.epoch_loss_restored = 0.0, 0, (0.0, 0)
+        self.loss_sum_dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
+        self.final_train_loss: float | None = None
         self.monitor = UpdateMonitor(args.max_consecutive_skipped_steps)
 
     # -- building -------------------------------------------------------------------------------------
@@ -144,14 +152,25 @@ class RecipeRun:
         progress = load_progress(checkpoint)
         self.completed_steps, self.start_epoch, self.batches_done = (
             progress["completed_steps"], progress["epoch"], progress["batches_in_epoch"])
+        # (a checkpoint written before these were saved restarts the sum: train_loss then covers the batches
+        # after the resume)
+        self.epoch_loss_restored = (progress.get("epoch_loss_sum", 0.0), progress.get("epoch_loss_count", 0))
         logger.info(f"resumed from {checkpoint}: update {self.completed_steps}, epoch {self.start_epoch}, "
                     f"batch {self.batches_done}")
 
     # -- training -------------------------------------------------------------------------------------
+    def _epoch_loss(self) -> tuple[float, int]:
+        """(sum, count) of the loss over the current epoch's batches on every rank. Every rank must call it."""
+        local = torch.zeros(2, dtype=self.loss_sum_dtype, device=self.accelerator.device)
+        local[0], local[1] = self.epoch_loss_sum, self.epoch_loss_count
+        total = self.accelerator.reduce(local, reduction="sum").tolist()
+        return self.epoch_loss_restored[0] + total[0], self.epoch_loss_restored[1] + round(total[1])
+
     def _save(self, epoch: int, batches_in_epoch: int) -> None:
+        loss_sum, loss_count = self._epoch_loss()
         path = save_checkpoint(self.accelerator, self.args.output_dir, dict(
-            completed_steps=self.completed_steps, epoch=epoch, batches_in_epoch=batches_in_epoch),
-            self.args.keep_checkpoints)
+            completed_steps=self.completed_steps, epoch=epoch, batches_in_epoch=batches_in_epoch,
+            epoch_loss_sum=loss_sum, epoch_loss_count=loss_count), self.args.keep_checkpoints)
         logger.info(f"checkpoint: {path}")
 
     def _evaluate(self, evaluate: Callable[[], dict], primary_metric: str | None, epoch: int) -> dict:
@@ -195,6 +214,8 @@ class RecipeRun:
         for epoch in range(self.start_epoch, self.num_epochs):
             self.train_dl.set_epoch(epoch)
             skip = self.batches_done if epoch == self.start_epoch else 0
+            if not skip:  # a new epoch; a resumed one goes on from the sum restored from its checkpoint
+                self.epoch_loss_sum, self.epoch_loss_count, self.epoch_loss_restored = 0.0, 0, (0.0, 0)
             active = acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
             active.set_epoch(epoch)  # the skipping loader must replay this epoch's order, not epoch 0's
             batch_in_epoch = skip
@@ -211,6 +232,8 @@ class RecipeRun:
                 self.samples_seen += batch["input_ids"].shape[0] * acc.num_processes
                 # a tensor sum: reading it (a device sync) happens only when a log line is written
                 loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
+                self.epoch_loss_sum = self.epoch_loss_sum + loss.detach().to(self.loss_sum_dtype)
+                self.epoch_loss_count += 1
                 if not acc.sync_gradients:
                     continue
                 # Raises after too many skipped updates in a row, before this update could be checkpointed.
@@ -247,6 +270,8 @@ class RecipeRun:
             if done:
                 break
         progress_bar.close()
+        loss_sum, loss_count = self._epoch_loss()
+        self.final_train_loss = loss_sum / loss_count if loss_count else self.last_train_loss
         return results
 
     def _log_train(self, mean_loss: float, progress_bar) -> None:
@@ -273,7 +298,10 @@ class RecipeRun:
             **results,
             # what the optimizer ran with, defaults included: a library default changed later stays visible
             optimizer_hyperparameters=run_hyperparameters(self.base_optimizer),
-            completed_steps=self.completed_steps, train_loss=self.last_train_loss,
+            completed_steps=self.completed_steps,
+            # mean over the last epoch's batches on every rank, not over the last logging window, which at the
+            # end of an epoch can be one short batch
+            train_loss=self.final_train_loss,
             train_time_s=self.train_time,
             # samples/s over the updates this process ran (a resumed run counts only its own part)
             train_samples_per_second=self.samples_seen / self.train_time if self.train_time > 0 else None,

@@ -12,7 +12,8 @@ config, not from this file (launch/run.py runs the same command on a CPU-only ma
 With no --model_name_or_path, the model is the pip-shipped all-MiniLM-L6-v2 (no hub needed). Data:
 --data_dir (or $GLUE_DIR) in the original GLUE TSV layout, --train_file/--validation_file (csv/json),
 or --dataset_name nyu-mll/glue when online. Writes <output_dir>/results.json with the final dev metrics,
-train time, samples/s and peak memory; checkpoints under <output_dir>/checkpoints.
+the last epoch's mean training loss, train time, samples/s and peak memory; checkpoints under
+<output_dir>/checkpoints.
 """
 from __future__ import annotations
 

@@ -39,6 +39,9 @@ def test_one_process_trains_evaluates_and_checkpoints(glue_dir, tiny_bert, tmp_p
     assert (out / "model" / "model.safetensors").is_file()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "train/loss" in r] == list(range(1, 17))  # --logging_steps 1
+    # train_loss: the mean over the last epoch's 8 batches (updates 9-16), not the last log line's one batch
+    last_epoch = [line["train/loss"] for line in log if "train/loss" in line and line["step"] > 8]
+    assert r["train_loss"] == pytest.approx(sum(last_epoch) / 8, rel=1e-6)
     evals = [r for r in log if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [8, 16] and evals[-1]["eval/accuracy"] == r["accuracy"]
 

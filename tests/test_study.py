@@ -22,6 +22,7 @@ from adaptopt.registry import OPTIMIZERS
 from adaptopt.study import stats
 from adaptopt.study.config import FULL, StudyConfigError, load_study, to_flags
 from adaptopt.study.plots import PLOTS
+from adaptopt.study.records import final_train_loss
 from adaptopt.study import runner as runner_module
 from adaptopt.study.runner import (CLAIM, SKIPPED, Runner, available_cores, claim_run, release_run,
                                    run_dir, stderr_tail, threads_per_run)
@@ -87,6 +88,15 @@ def test_welch_by_hand():
 
 
 # -- the study files ---------------------------------------------------------------------------------
+def test_final_train_loss_weights_each_logged_window_by_its_updates_over_the_last_epoch():
+    train = {10: {"train/loss": 1.0}, 20: {"train/loss": 2.0}, 25: {"train/loss": 4.0}}
+    # evaluations after updates 12 and 25 (epoch ends): updates 13-20 at 2.0 (the window 11-20 straddles the
+    # epoch start: only its 8 updates inside count), 21-25 at 4.0
+    assert final_train_loss(train, {12: {}, 25: {}}) == pytest.approx((8 * 2.0 + 5 * 4.0) / 13)
+    assert final_train_loss(train, {25: {}}) == pytest.approx((10 * 1.0 + 10 * 2.0 + 5 * 4.0) / 25)  # one epoch
+    assert final_train_loss(train, {}) is None and final_train_loss({}, {25: {}}) is None
+
+
 def test_glue_study_expands_to_the_issue_grid(monkeypatch):
     monkeypatch.setenv("GLUE_DIR", "/data/glue")
     study = load_study(REPO / "studies" / "glue.yaml")
@@ -282,7 +292,16 @@ def assert_stat(got, expected) -> None:
 
 
 def results_of(out: Path, pattern: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{pattern}/results.json"))]
+    """results.json of each run, plus final_train_loss from its train_log.jsonl. The tiny study trains one
+    epoch of 3 updates and logs every update, so that is the plain mean of the logged losses (a rerun
+    appends its lines again: the last line of a step counts)."""
+    results = []
+    for p in sorted((out / "runs").glob(f"{pattern}/results.json")):
+        lines = [json.loads(line) for line in (p.parent / "train_log.jsonl").read_text().splitlines()]
+        losses = {line["step"]: line["train/loss"] for line in lines if "train/loss" in line}
+        assert sorted(losses) == [1, 2, 3]
+        results.append({**json.loads(p.read_text()), "final_train_loss": float(np.mean(list(losses.values())))})
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +381,7 @@ def test_statistics_equal_scipy_and_statsmodels_on_the_results_files(tiny_study)
     assert summary["runs"] == dict(total=10, finished=8, failed=2, pending=0)
     task = summary["tasks"]["mrpc"]
     assert task["primary_metric"] == "accuracy"
-    assert {"accuracy", "f1", "train_loss", "train_time_s"} <= set(task["metrics"])
+    assert {"accuracy", "f1", "final_train_loss", "train_time_s"} <= set(task["metrics"])
     main = {opt: results_of(out, f"mrpc-{opt}-lr0.001-seed*") for opt in ("adamw", "adaptopt")}
     assert [len(v) for v in main.values()] == [2, 2]
     tested = 0

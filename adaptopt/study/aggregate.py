@@ -18,12 +18,13 @@ import numpy as np
 
 from . import stats
 from .config import FULL, Study
-from .records import RunRecord
+from .records import FINAL_TRAIN_LOSS, RunRecord
 from .runner import FAILED, FINISHED
 
-# Numbers every recipe's results.json has besides its dev metrics; compared across optimizers too.
-COST_METRICS = ("train_loss", "train_time_s", "train_samples_per_second")
-LOWER_IS_BETTER = {"train_loss", "train_time_s", "peak_memory_mb", "loss", "eval_loss", "perplexity"}
+# Numbers every run has besides its dev metrics (results.json; the loss from train_log.jsonl, see
+# records.final_train_loss); compared across optimizers too.
+COST_METRICS = (FINAL_TRAIN_LOSS, "train_time_s", "train_samples_per_second")
+LOWER_IS_BETTER = {"train_loss", FINAL_TRAIN_LOSS, "train_time_s", "peak_memory_mb", "loss", "eval_loss", "perplexity"}
 
 
 def eval_metric_names(records: list[RunRecord]) -> list[str]:

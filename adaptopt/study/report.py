@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import Study
 from .files import write_atomically
+from .records import FINAL_TRAIN_LOSS
 
 ALPHA = 0.05
 
@@ -39,8 +40,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _metric_label(metric: str) -> str:
-    return {"train_time_s": "train time (s)", "train_samples_per_second": "samples/s", "train_loss": "train loss"}.get(
-        metric, metric)
+    return {"train_time_s": "train time (s)", "train_samples_per_second": "samples/s", "train_loss": "train loss",
+            FINAL_TRAIN_LOSS: "train loss (last epoch)"}.get(metric, metric)
 
 
 def write_report(study: Study, summary: dict, plots: dict[str, Path], path: Path, command: list[str],
@@ -189,9 +190,10 @@ def _sweep_section(summary: dict, plots: dict[str, str]) -> list[str]:
     for task, s in summary["tasks"].items():
         primary = s["primary_metric"]
         rows = [[opt, f"{r['learning_rate']:g}", r["n_finished"], fmt_stat(r["stats"][primary], primary),
-                 fmt_stat(r["stats"]["train_loss"], "train_loss") if "train_loss" in r["stats"] else "—"]
+                 fmt_stat(r["stats"][FINAL_TRAIN_LOSS], FINAL_TRAIN_LOSS) if FINAL_TRAIN_LOSS in r["stats"] else "—"]
                 for opt, rs in s["lr_sensitivity"].items() for r in rs]
-        lines += [f"### {task}", ""] + _table(["optimizer", "lr", "seeds", primary, "train loss"], rows)
+        lines += [f"### {task}", ""] + _table(["optimizer", "lr", "seeds", primary, _metric_label(FINAL_TRAIN_LOSS)],
+                                              rows)
     if "lr_sensitivity" in plots:
         lines += [f"![lr sensitivity]({plots['lr_sensitivity']})", ""]
     return lines
