@@ -145,7 +145,8 @@ def _sentence(task: str, v: dict, c: dict, cand: str, base: str) -> str:
 def _optimizer_sections(summary: dict, plots: dict[str, str]) -> list[str]:
     lines = ["## Optimizers per task", "",
              "Each optimizer at its study LR (the papers' default unless the study file sets one), all other settings "
-             "shared. mean ± std over seeds.", ""]
+             "shared. mean ± std over seeds. Train loss (last epoch): the mean training loss over each run's last "
+             "epoch, from its train_log.jsonl.", ""]
     for task, s in summary["tasks"].items():
         metrics, primary = s["metrics"], s["primary_metric"]
         lines += [f"### {task} (ranked by {primary}, {'higher' if s['higher_is_better'] else 'lower'} is better)", ""]
