@@ -9,6 +9,12 @@ from pathlib import Path
 from .config import RunSpec, Study
 from .runner import FINISHED, read_run_info, run_dir, run_status
 
+# The train loss the study compares: the last epoch's mean, computed from each run's train_log.jsonl
+# (final_train_loss below). Runs made before 2026-12-01 have in results.json's train_loss only the mean over
+# the last logging window, which at the end of a run can be one update on the epoch's short last batch
+# (SST-2's 5,000-example subsample: 8 examples); the log gives old and new runs the same figure.
+FINAL_TRAIN_LOSS = "final_train_loss"
+
 
 @dataclass
 class RunRecord:
@@ -32,12 +38,6 @@ class RunRecord:
     @cached_property
     def _final_train_loss(self) -> float | None:
         return final_train_loss(*self.train_log())
-
-
-# results.json's train_loss is the mean over the last logging window only, which at the end of a run can be
-# one update on the epoch's short last batch (SST-2's 5,000-example subsample: 8 examples); a whole epoch is
-# the figure worth comparing between optimizers.
-FINAL_TRAIN_LOSS = "final_train_loss"
 
 
 def final_train_loss(train: dict[int, dict], evals: dict[int, dict]) -> float | None:
