@@ -97,6 +97,23 @@ def test_final_train_loss_weights_each_logged_window_by_its_updates_over_the_las
     assert final_train_loss(train, {}) is None and final_train_loss({}, {25: {}}) is None
 
 
+def test_loss_curves_leave_out_a_last_window_of_a_few_updates(tmp_path):
+    from adaptopt.study.aggregate import _curves
+    from adaptopt.study.records import RunRecord
+
+    records = []
+    for seed, losses in enumerate(([0.7, 0.5, 0.1], [0.6, 0.4, 0.9])):
+        (tmp_path / str(seed)).mkdir()
+        # logged after updates 10, 20 and 21: the last line is one update's loss
+        (tmp_path / str(seed) / "train_log.jsonl").write_text("".join(
+            json.dumps({"step": step, "train/loss": loss, "train/lr": 1e-5}) + "\n"
+            for step, loss in zip((10, 20, 21), losses)))
+        records.append(RunRecord(None, tmp_path / str(seed), "finished", {}, {}))
+    curve = _curves(records)
+    assert curve["step"] == [10, 20] and curve["seeds"] == 2
+    assert curve["loss_mean"] == pytest.approx([0.65, 0.45])
+
+
 def test_glue_study_expands_to_the_issue_grid(monkeypatch):
     monkeypatch.setenv("GLUE_DIR", "/data/glue")
     study = load_study(REPO / "studies" / "glue.yaml")

@@ -139,12 +139,17 @@ def _verdict(study: Study, records, metric: str, runs) -> dict:
 def _curves(records: list[RunRecord]) -> dict | None:
     """Training loss and applied LR per logged step, mean (and std) over the finished seeds.
 
-    Only steps every seed logged are kept, so each point is a mean over the same seeds."""
+    Only steps every seed logged are kept, so each point is a mean over the same seeds. A logged loss is
+    the mean over the updates since the previous log line; the last line of a run often covers only a few
+    (on SST-2's subsample: one update on an 8-example batch), so it is far noisier than the rest of the
+    curve. Points whose window is shorter than half the usual one are left out."""
     logs = [r.train_log()[0] for r in records if r.status == FINISHED]
     logs = [log for log in logs if log]
     if not logs:
         return None
     steps = sorted(set.intersection(*(set(log) for log in logs)))
+    windows = np.diff([0, *steps])
+    steps = [step for step, window in zip(steps, windows) if 2 * window >= np.median(windows)]
     loss = np.array([[log[s]["train/loss"] for s in steps] for log in logs], dtype=float)
     lr = np.array([[log[s].get("train/lr", np.nan) for s in steps] for log in logs], dtype=float)
     return dict(step=steps, seeds=len(logs), loss_mean=loss.mean(0).tolist(),
