@@ -114,6 +114,27 @@ def test_loss_curves_leave_out_a_last_window_of_a_few_updates(tmp_path):
     assert curve["loss_mean"] == pytest.approx([0.65, 0.45])
 
 
+def test_best_lr_compares_only_lrs_with_the_most_seeds():
+    """A partial study: one seed at 1e-4 (lucky 0.90) must not beat three seeds at 5e-5 (mean 0.86)."""
+    from types import SimpleNamespace
+
+    from adaptopt.study.aggregate import _best_lr
+
+    results = {2e-5: [0.80, 0.82, 0.81], 5e-5: [0.85, 0.87, 0.86], 1e-4: [0.90], 2e-4: []}
+    study = SimpleNamespace(lr_sweep={"adamw": list(results)}, default_lr=lambda name: 5e-5)
+
+    def runs(optimizer, lr):
+        return [SimpleNamespace(status="finished", value=lambda key, v=v: v) for v in results[lr]]
+
+    assert _best_lr(study, "adamw", "accuracy", runs) == 5e-5
+    results[1e-4] += [0.70, 0.71]  # all three seeds in: now a plain best mean (0.77 < 0.86)
+    results[2e-4] += [0.88, 0.89, 0.87]
+    assert _best_lr(study, "adamw", "accuracy", runs) == 2e-4
+    assert _best_lr(study, "adamw", "train_loss", runs) == 1e-4  # lower is better
+    results.update({lr: [] for lr in results})
+    assert _best_lr(study, "adamw", "accuracy", runs) is None
+
+
 def test_glue_study_expands_to_the_issue_grid(monkeypatch):
     monkeypatch.setenv("GLUE_DIR", "/data/glue")
     study = load_study(REPO / "studies" / "glue.yaml")

@@ -7,8 +7,9 @@ Which runs feed which table (all from the grid in config.py):
 - LR sensitivity: every learning rate of the swept optimizers, all parts on;
 - ablation: the ablation optimizer at its study LR, each variant, against the full one;
 - verdict: the candidate (AdaptOpt) at its study LR against the baseline (AdamW) at the swept LR
-  with the best mean primary metric. That LR is picked on the same dev set it is scored on, which
-  flatters the baseline; the candidate gets no such pick.
+  with the best mean primary metric (among the LRs with the most finished seeds, see _best_lr). That LR
+  is picked on the same dev set it is scored on, which flatters the baseline; the candidate gets no such
+  pick.
 
 The output is a plain dict (JSON-able): report.py and plots.py read it, summary.json stores it.
 """
@@ -106,10 +107,17 @@ def _lrs(study: Study, optimizer: str) -> list[float]:
 
 
 def _best_lr(study: Study, optimizer: str, metric: str, runs) -> float | None:
-    """The LR whose mean over seeds is best; None when no LR of this optimizer has a finished run."""
-    means = {lr: np.mean(v) for lr in _lrs(study, optimizer) if (v := _values(runs(optimizer, lr), metric))}
-    if not means:
+    """The LR whose mean over seeds is best, among the LRs with the most finished seeds; None when no LR of
+    this optimizer has a finished run.
+
+    Only LRs with equally many seeds compete: the best of several noisy means is biased towards the
+    noisiest, so in a study still accumulating runs a 1-seed LR would win by luck against 3-seed ones.
+    In a finished study every LR has every seed and this is the plain best mean."""
+    values = {lr: v for lr in _lrs(study, optimizer) if (v := _values(runs(optimizer, lr), metric))}
+    if not values:
         return None
+    most = max(len(v) for v in values.values())
+    means = {lr: np.mean(v) for lr, v in values.items() if len(v) == most}
     pick = min if metric in LOWER_IS_BETTER else max
     return pick(means, key=means.get)
 

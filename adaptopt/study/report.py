@@ -94,8 +94,8 @@ def _verdict_section(study: Study, summary: dict) -> list[str]:
     lines = [f"## Verdict: {cand} at its default LR vs {base} at its best swept LR", "",
              f"{cand} runs at its study LR ({study.default_lr(cand):g}); {base}'s LR is the one, among "
              f"{', '.join(f'{lr:g}' for lr in next(iter(verdicts.values()))['baseline_lrs'])}, with the best mean "
-             f"dev metric, picked on the same dev set (an advantage for {base}). p: Welch's t-test over seeds, "
-             "two-sided.", ""]
+             f"dev metric, picked on the same dev set (an advantage for {base}); while runs are missing, only the "
+             "LRs with the most finished seeds compete. p: Welch's t-test over seeds, two-sided.", ""]
     rows, sentences = [], []
     for task, v in verdicts.items():
         c = v["at_default"]
