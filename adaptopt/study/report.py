@@ -239,7 +239,10 @@ def _method_section() -> list[str]:
             "2 finished seeds are left out of the tests. With 3 seeds only large differences can be significant: "
             "'not significant' is not 'equal'.",
             "- Train time is the training loop only (evaluation excluded), as the recipe measures it; runs sharing "
-            "the cores (`--jobs` > 1) each get cores/jobs threads.",
+            "the cores (`--jobs` > 1) each get cores/jobs threads. It is wall-clock time, so it also counts whatever "
+            "else the machine was running: a std of a few percent means the runs had the machine to themselves, a "
+            "larger one that load varied between them, and the time columns then say little about the optimizers. "
+            "A benchmark that times the optimizers side by side in one process is the fair speed comparison.",
             "- Every optimizer runs its fast implementation (the recipes' `--optimizer_impl auto`): AdaptOpt's "
             "compiled update, torch's fused kernels for adam, adamw, sgd, momentum and adagrad, foreach for rmsprop "
             "(torch has no fused one). AdaptOpt's one-time compilation (or cache load) is not in its train time: "
