@@ -450,6 +450,11 @@ def test_statistics_equal_scipy_and_statsmodels_on_the_results_files(tiny_study)
     cand = [r["accuracy"] for r in main["adaptopt"]]
     assert verdict["diff"] == pytest.approx(np.mean(cand) - np.mean(adamw[best]))
     assert_stat(verdict["welch"]["p"], sps.ttest_ind(cand, adamw[best], equal_var=False).pvalue)
+    # and the two at the one LR both ran at, with no LR picked on the dev set
+    [same] = task["verdict"]["at_same_lr"]
+    assert (same["candidate_lr"], same["baseline_lr"]) == (0.001, 0.001)
+    assert same["diff"] == pytest.approx(np.mean(cand) - np.mean(adamw["0.001"]))
+    assert_stat(same["welch"]["p"], sps.ttest_ind(cand, adamw["0.001"], equal_var=False).pvalue)
 
     ablation = {r["variant"]: r for r in task["ablation"]["rows"]}
     assert list(ablation) == [FULL, "no_clipping", "broken"]
@@ -470,7 +475,7 @@ def test_plots_and_report_are_written(tiny_study):
     report = (out / "report.md").read_text()
     for needle in ("adamw", "adaptopt", "## Verdict", "Tukey HSD", "## Ablation", "## Failed runs", "broken",
                    f"--config {tiny_study['config_path']}", "plots/loss_curves.png", "matches or beats",
-                   "This study is not complete"):  # 2 of its runs failed
+                   "This study is not complete", "Both at the same LR"):  # 2 of its runs failed
         assert needle in report, needle
     published = tiny_study["root"] / "docs" / "study.md"  # --publish: the report for docs/, its plots beside it
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", published.read_text())

@@ -123,12 +123,13 @@ def _best_lr(study: Study, optimizer: str, metric: str, runs) -> float | None:
 
 
 def _verdict(study: Study, records, metric: str, runs) -> dict:
-    """Candidate at its default LR (and at its own best LR) against the baseline at its best LR."""
+    """Candidate at its default LR (and at its own best LR) against the baseline at its best LR; and the two at
+    each LR both were run at, the one comparison in which no LR was picked on the dev set."""
     cand, base = study.candidate, study.baseline
     base_lr = _best_lr(study, base, metric, runs)
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
 
-    def compare(cand_lr):
+    def compare(cand_lr, base_lr=base_lr):
         if cand_lr is None or base_lr is None:
             return None
         a, b = _values(runs(cand, cand_lr), metric), _values(runs(base, base_lr), metric)
@@ -141,7 +142,9 @@ def _verdict(study: Study, records, metric: str, runs) -> dict:
 
     return dict(metric=metric, candidate=cand, baseline=base, baseline_lrs=_lrs(study, base),
                 at_default=compare(study.default_lr(cand)),
-                at_best=compare(_best_lr(study, cand, metric, runs)) if cand in study.lr_sweep else None)
+                at_best=compare(_best_lr(study, cand, metric, runs)) if cand in study.lr_sweep else None,
+                at_same_lr=[c for lr in sorted(set(_lrs(study, cand)) & set(_lrs(study, base)))
+                            if (c := compare(lr, lr))])
 
 
 def _curves(records: list[RunRecord]) -> dict | None:

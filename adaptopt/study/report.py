@@ -117,6 +117,16 @@ def _verdict_section(study: Study, summary: dict) -> list[str]:
                         [[t, f"{c['candidate_lr']:g}", fmt_stat(c["candidate"], verdicts[t]["metric"]),
                           f"{c['baseline_lr']:g}", fmt_stat(c["baseline"], verdicts[t]["metric"]), f"{c['diff']:+.4f}",
                           fmt_p((c["welch"] or {}).get("p"))] for t, c in best.items()])
+    same = [(t, c) for t, v in verdicts.items() for c in v.get("at_same_lr") or []]
+    if same:
+        lines += ["Both at the same LR, for each LR both were run at: no LR is picked on the dev set here, so neither "
+                  "side has a selection advantage; it separates the optimizer from its LR. p is not adjusted for the "
+                  f"{len(same)} rows: were there no real difference, about {len(same) * ALPHA:.1f} of them would still "
+                  f"fall below {ALPHA} by chance.", ""]
+        lines += _table(["task", "lr", cand, base, "difference", "Welch p"],
+                        [[t, f"{c['candidate_lr']:g}", fmt_stat(c["candidate"], verdicts[t]["metric"]),
+                          fmt_stat(c["baseline"], verdicts[t]["metric"]), f"{c['diff']:+.4f}",
+                          fmt_p((c["welch"] or {}).get("p"))] for t, c in same])
     return lines
 
 
