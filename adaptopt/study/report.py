@@ -113,10 +113,9 @@ def _verdict_section(study: Study, summary: dict) -> list[str]:
     best = {t: v["at_best"] for t, v in verdicts.items() if v.get("at_best")}
     if best:
         lines += ["Both at their best swept LR (each picked on the dev set):", ""]
-        lines += _table(["task", f"{cand} LR", cand, f"{base} LR", base, "difference", "Welch p"],
-                        [[t, f"{c['candidate_lr']:g}", fmt_stat(c["candidate"], verdicts[t]["metric"]),
-                          f"{c['baseline_lr']:g}", fmt_stat(c["baseline"], verdicts[t]["metric"]), f"{c['diff']:+.4f}",
-                          fmt_p((c["welch"] or {}).get("p"))] for t, c in best.items()])
+        lines += _table(["task", f"{cand} LR", f"{base} LR", cand, base, "difference", "Welch p"],
+                        [[t, f"{c['candidate_lr']:g}", f"{c['baseline_lr']:g}", *_pair_cells(c, verdicts[t]["metric"])]
+                         for t, c in best.items()])
     same = [(t, c) for t, v in verdicts.items() for c in v.get("at_same_lr") or []]
     if same:
         lines += ["Both at the same LR, for each LR both were run at: no LR is picked on the dev set here, so neither "
@@ -124,10 +123,14 @@ def _verdict_section(study: Study, summary: dict) -> list[str]:
                   f"{len(same)} rows: were there no real difference, about {len(same) * ALPHA:.1f} of them would still "
                   f"fall below {ALPHA} by chance.", ""]
         lines += _table(["task", "lr", cand, base, "difference", "Welch p"],
-                        [[t, f"{c['candidate_lr']:g}", fmt_stat(c["candidate"], verdicts[t]["metric"]),
-                          fmt_stat(c["baseline"], verdicts[t]["metric"]), f"{c['diff']:+.4f}",
-                          fmt_p((c["welch"] or {}).get("p"))] for t, c in same])
+                        [[t, f"{c['candidate_lr']:g}", *_pair_cells(c, verdicts[t]["metric"])] for t, c in same])
     return lines
+
+
+def _pair_cells(c: dict, metric: str) -> list[str]:
+    """The cells every candidate-vs-baseline table shares: both sides' mean ± std, the difference and Welch p."""
+    return [fmt_stat(c["candidate"], metric), fmt_stat(c["baseline"], metric), f"{c['diff']:+.4f}",
+            fmt_p((c["welch"] or {}).get("p"))]
 
 
 def _verdict_cell(c: dict, n_seeds: int) -> str:
