@@ -102,12 +102,10 @@ def _verdict_section(study: Study, summary: dict) -> list[str]:
         if c is None:
             rows.append([task, v["metric"], "—", "—", "—", "—", "—", "not enough finished runs"])
             continue
-        p = (c["welch"] or {}).get("p")
-        rows.append([task, v["metric"], fmt_stat(c["candidate"], v["metric"]), f"{c['baseline_lr']:g}",
-                     fmt_stat(c["baseline"], v["metric"]), f"{c['diff']:+.4f}", fmt_p(p),
+        rows.append([task, v["metric"], f"{c['baseline_lr']:g}", *_pair_cells(c, v["metric"]),
                      _verdict_cell(c, len(study.seeds))])
         sentences.append(_sentence(task, v, c, cand, base))
-    lines += _table(["task", "metric", f"{cand} (default LR)", f"{base} best LR", base, "difference", "Welch p",
+    lines += _table(["task", "metric", f"{base} best LR", f"{cand} (default LR)", base, "difference", "Welch p",
                      "matches or beats?"], rows)
     lines += [f"- {s}" for s in sentences] + [""]
     best = {t: v["at_best"] for t, v in verdicts.items() if v.get("at_best")}
