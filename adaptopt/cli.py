@@ -9,7 +9,8 @@ import argparse
 import logging
 import math
 
-from .registry import OPTIMIZERS, build_optimizer
+from .optim import ADAPTIVE_LR_RULES
+from .registry import SCHEDULE_FREE, OPTIMIZERS, build_optimizer, default_hyperparameters, optimizer_class
 from .schedules import SCHEDULES, Plateau, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -19,14 +20,22 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adaptopt", choices=list(OPTIMIZERS), help="optimizer by registry name")
     g.add_argument("--learning_rate", type=float, default=None,
-                   help="peak learning rate (default: the optimizer's paper default, e.g. 2e-5 adaptopt, 5e-5 adamw)")
+                   help="peak learning rate (default: the optimizer's, e.g. 5e-5 adamw). adaptopt with its default "
+                        "--adaptive_lr mechanic: the units of its learned scale, which starts at 1%% of it and finds "
+                        "the level (default 1e-4: a start of 1e-6)")
     g.add_argument("--weight_decay", type=float, default=None, help="(decoupled for adamw/adaptopt) weight decay")
     g.add_argument("--beta1", type=float, default=None, help="Adam b1 (adam, adamw, adaptopt)")
     g.add_argument("--beta2", type=float, default=None, help="Adam b2 (adam, adamw, adaptopt)")
     g.add_argument("--eps", type=float, default=None, help="denominator epsilon")
     g.add_argument("--momentum", type=float, default=None, help="SGD momentum (sgd, momentum)")
-    g.add_argument("--no_adaptive_lr", action="store_true", help="adaptopt: switch off the hypergradient LR scale")
-    g.add_argument("--hypergrad_rate", type=float, default=None, help="adaptopt: max relative LR-scale change per step")
+    g.add_argument("--adaptive_lr", choices=[*ADAPTIVE_LR_RULES, "none"], default=None,
+                   help="adaptopt: how the LR scale adapts. mechanic (default): learned scale of the whole path, finds "
+                        "its level from the starting --learning_rate; hypergradient: per-step nudge of a given LR; none")
+    g.add_argument("--scale_decay", type=float, default=None, help="adaptopt, mechanic: decay of the learned scale")
+    g.add_argument("--scale_init", type=float, default=None,
+                   help="adaptopt, mechanic: the learned scale's start, as a fraction of --learning_rate")
+    g.add_argument("--hypergrad_rate", type=float, default=None,
+                   help="adaptopt, hypergradient: max relative LR-scale change per step")
     g.add_argument("--no_adaptive_momentum", action="store_true", help="adaptopt: switch off adaptive b1")
     g.add_argument("--momentum_rate", type=float, default=None, help="adaptopt: how strongly b1 follows the path")
     g.add_argument("--optimizer_impl", choices=["auto", "fused", "eager"], default="auto",
@@ -40,7 +49,9 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
                    help="same as --optimizer_impl fused")
 
     g = parser.add_argument_group("learning-rate schedule")
-    g.add_argument("--lr_scheduler", default="linear", choices=SCHEDULES, help="schedule after warmup")
+    g.add_argument("--lr_scheduler", default=None, choices=SCHEDULES,
+                   help="schedule after warmup (default: linear; constant for schedule-free optimizers, which take the "
+                        "warmup themselves)")
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="warmup as a fraction of the updates")
     g.add_argument("--num_warmup_steps", type=int, default=None, help="warmup in updates (overrides --warmup_ratio)")
     g.add_argument("--gamma", type=float, default=0.999, help="exponential schedule: lr_t = lr * gamma^t, per update")
@@ -109,13 +120,20 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.max_grad_norm < 0:
         parser.error(f"--max_grad_norm must be >= 0 (0 disables clipping; got {args.max_grad_norm})")
     if args.optimizer != "adaptopt":
-        used = [f for f in ("no_adaptive_lr", "no_adaptive_momentum") if getattr(args, f)]
-        used += [f for f in ("hypergrad_rate", "momentum_rate") if getattr(args, f) is not None]
+        used = [f for f in ("no_adaptive_momentum",) if getattr(args, f)]
+        used += [f for f in ("adaptive_lr", "scale_decay", "scale_init", "hypergrad_rate", "momentum_rate")
+                 if getattr(args, f) is not None]
         if used:
             parser.error(f"--{', --'.join(used)} only apply to --optimizer adaptopt (got --optimizer {args.optimizer})")
     if args.optimizer_impl == "fused" and args.optimizer != "adaptopt" and not _has_fused_kernel(args.optimizer):
-        parser.error(f"--optimizer_impl fused: torch's {OPTIMIZERS[args.optimizer][0].__name__} has no fused kernel; "
+        parser.error(f"--optimizer_impl fused: {optimizer_class(args.optimizer).__name__} has no fused kernel; "
                      "use --optimizer_impl auto (foreach) or eager")
+    if args.lr_scheduler is None:
+        args.lr_scheduler = "constant" if args.optimizer in SCHEDULE_FREE else "linear"
+    elif args.optimizer in SCHEDULE_FREE and args.lr_scheduler != "constant":
+        parser.error(f"--optimizer {args.optimizer} replaces the LR schedule (its iterate averaging is the decay): "
+                     f"drop --lr_scheduler {args.lr_scheduler} or use constant; --warmup_ratio/--num_warmup_steps "
+                     "still set its warmup")
     if args.lr_scheduler == "cyclical" and not args.cycle_steps:
         parser.error("--lr_scheduler cyclical needs --cycle_steps (updates per half cycle)")
     if args.merge_lora and not args.lora:
@@ -125,18 +143,23 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--checkpointing_steps must be a positive integer or 'epoch' (got {cs!r})")
 
 
-def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, device=None):
+def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, device=None, warmup_steps: int = 0):
     """The optimizer the flags describe. ``clip=False`` when something else clips (DeepSpeed's engine).
-    ``device``: where training runs (the model may still be on the CPU), for --optimizer_impl auto."""
+    ``device``: where training runs (the model may still be on the CPU), for --optimizer_impl auto.
+    ``warmup_steps``: for a schedule-free optimizer, which warms up itself (``warmup_steps(args, total)``)."""
     hp = dict(lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.eps)
+    if args.optimizer in SCHEDULE_FREE:
+        hp["warmup_steps"] = warmup_steps
     if args.optimizer in ("adam", "adamw", "adaptopt") and (args.beta1 is not None or args.beta2 is not None):
-        _, defaults = OPTIMIZERS[args.optimizer]
-        b1, b2 = defaults["betas"]
+        b1, b2 = default_hyperparameters(args.optimizer)["betas"]
         hp["betas"] = (args.beta1 if args.beta1 is not None else b1, args.beta2 if args.beta2 is not None else b2)
     if args.optimizer in ("sgd", "momentum"):
         hp["momentum"] = args.momentum
     if args.optimizer == "adaptopt":
-        hp.update(adaptive_lr=not args.no_adaptive_lr, adaptive_momentum=not args.no_adaptive_momentum,
+        if args.adaptive_lr is not None:
+            hp["adaptive_lr"] = None if args.adaptive_lr == "none" else args.adaptive_lr
+        hp.update(adaptive_momentum=not args.no_adaptive_momentum, scale_decay=args.scale_decay,
+                  scale_init=args.scale_init,
                   hypergrad_rate=args.hypergrad_rate, momentum_rate=args.momentum_rate,
                   fused=_use_fused(args.optimizer_impl, device))
     else:
@@ -148,14 +171,18 @@ def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, d
 def _has_fused_kernel(name: str) -> bool:
     import inspect
 
-    return "fused" in inspect.signature(OPTIMIZERS[name][0]).parameters
+    return "fused" in inspect.signature(optimizer_class(name)).parameters
 
 
 def _torch_impl(name: str, impl: str, device) -> dict:
     """The flag that selects a torch optimizer's implementation. 'auto' matters for fair comparisons: torch
     defaults to a per-tensor loop on CPU (foreach only on CUDA), while HF Trainer defaults to fused AdamW,
-    so a baseline left at torch's default would be timed on its slowest path."""
-    if impl == "eager":
+    so a baseline left at torch's default would be timed on its slowest path. An optimizer with neither
+    switch (Prodigy, D-Adapt) runs as it is."""
+    import inspect
+
+    takes = inspect.signature(optimizer_class(name)).parameters
+    if impl == "eager" or not ({"fused", "foreach"} & set(takes)):
         return {}
     import torch
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
@@ -166,7 +193,7 @@ def _torch_impl(name: str, impl: str, device) -> dict:
     if impl == "fused":
         raise ValueError(f"--optimizer_impl fused: torch's fused {name} does not run on {device_type}; "
                          "use --optimizer_impl auto or eager")
-    return {"foreach": True}
+    return {"foreach": True} if "foreach" in takes else {}
 
 
 def _use_fused(impl: str, device) -> bool:
@@ -181,7 +208,8 @@ def _use_fused(impl: str, device) -> bool:
     return reason is None
 
 
-def scheduler_from_args(args: argparse.Namespace, optimizer, total_steps: int):
+def warmup_steps(args: argparse.Namespace, total_steps: int) -> int:
+    """Warmup updates from --num_warmup_steps or --warmup_ratio."""
     if args.num_warmup_steps is not None:
         warmup = args.num_warmup_steps
     else:  # a ratio never takes every update (ceil would, for a 1-update run); the schedules need one after warmup
@@ -189,6 +217,12 @@ def scheduler_from_args(args: argparse.Namespace, optimizer, total_steps: int):
     if warmup >= total_steps:
         raise ValueError(f"--num_warmup_steps {warmup} must be smaller than the run's {total_steps} updates "
                          "(--max_train_steps, or epochs x updates per epoch)")
+    return warmup
+
+
+def scheduler_from_args(args: argparse.Namespace, optimizer, total_steps: int):
+    """The LR schedule of the flags. A schedule-free optimizer gets a constant one: it warms up itself."""
+    warmup = 0 if args.optimizer in SCHEDULE_FREE else warmup_steps(args, total_steps)
     plateau = Plateau(mode="max", factor=args.plateau_factor, patience=args.plateau_patience) \
         if args.lr_scheduler == "plateau" else None
     return build_scheduler(optimizer, args.lr_scheduler, total_steps=total_steps, warmup_steps=warmup,
@@ -197,6 +231,12 @@ def scheduler_from_args(args: argparse.Namespace, optimizer, total_steps: int):
 
 
 def effective_lr(optimizer) -> float:
-    """The LR the last update used: the scheduled lr times AdaptOpt's adaptive scale, if any."""
+    """The LR the last update used: the scheduled lr times AdaptOpt's adaptive scale, or times the step size
+    Prodigy and D-Adaptation estimated (their ``d``; their lr is a multiplier of it), or Schedule-Free's own
+    warmed-up lr."""
     group = optimizer.param_groups[0]
+    if "scheduled_lr" in group:  # Schedule-Free
+        return group["scheduled_lr"]
+    if "d" in group:  # Prodigy, D-Adaptation
+        return group["lr"] * group["d"]
     return group["lr"] * (group.get("lr_scale", 1.0) if group.get("adaptive_lr") else 1.0)

@@ -199,19 +199,20 @@ class GradClipper:
         return self
 
 
-def attach_state(optimizer: torch.optim.Optimizer, clipper: GradClipper) -> None:
-    """Stores ``clipper``'s running statistics inside ``optimizer.state_dict()`` (key ``grad_clipper``),
-    so every checkpoint of the optimizer (accelerate, DeepSpeed) carries them without extra plumbing."""
+def attach_state(optimizer: torch.optim.Optimizer, owner, key: str = "grad_clipper") -> None:
+    """Stores ``owner``'s state (a clipper's running statistics, the Mechanic learner) inside
+    ``optimizer.state_dict()`` under ``key``, so every checkpoint of the optimizer (accelerate, DeepSpeed)
+    carries it without extra plumbing. ``owner`` has ``state_dict()`` and ``load_state_dict(state)``."""
 
     def save(opt, state_dict):
-        state_dict["grad_clipper"] = clipper.state_dict()
+        state_dict[key] = owner.state_dict()
         return state_dict
 
     def load(opt, state_dict):
         state_dict = dict(state_dict)
-        saved = state_dict.pop("grad_clipper", None)
+        saved = state_dict.pop(key, None)
         if saved is not None:
-            clipper.load_state_dict(saved)
+            owner.load_state_dict(saved)
         return state_dict
 
     optimizer.register_state_dict_post_hook(save)

@@ -92,6 +92,9 @@ class DeepSpeedRun:
         (torch optimizers and AdaptOpt skip parameters without a gradient). The schedule stops counting
         ``step()`` calls here, before that call can happen, and counts applied updates (``after_update``).
         """
+        refusal = _refusal(type(optimizer).__name__, wrapped=not self.optimizer_clips)
+        if refusal:
+            raise ValueError(refusal)
         if self.stage > 0 and isinstance(optimizer, torch.optim.Adagrad):
             raise ValueError(
                 "adagrad cannot run under DeepSpeed ZeRO-1/2/3: DeepSpeed replaces a client torch.optim.Adagrad "
@@ -151,6 +154,33 @@ class DeepSpeedRun:
         threshold = self.clipper.threshold()
         # every DeepSpeed optimizer wrapper (ZeRO 1-3, FP16, BF16) reads clip_grad at each step
         self.engine.optimizer.clip_grad = float(threshold) if threshold is not None else 0.0
+
+
+# Learning-rate-free peers that DeepSpeed would run wrongly once it wraps the optimizer (ZeRO 1-3, or its
+# fp16/bf16 optimizers, which hand step() fp32 master copies, partitioned over ranks for bf16 and ZeRO), and
+# why. Refused before training rather than run silently wrong; tests/test_deepspeed.py holds them to the
+# single-process run where they are allowed (ZeRO-0 fp32).
+_WRAPPED_REFUSALS = {
+    ("Prodigy", "DAdaptAdam"): (
+        "estimates its step size d from sums over the parameters one step() call sees, and all-reduces them only "
+        "under torch FSDP (its fsdp_in_use switch, which also needs CUDA). Once DeepSpeed wraps the optimizer, a "
+        "call sees one param group (ZeRO-3: one sub-group) of this rank's slice, so every rank and group would "
+        "step with its own d"),
+    ("AdamWScheduleFree",): (
+        "keeps two iterates and swaps them in the optimizer's parameters (optimizer.eval()/train()). Once "
+        "DeepSpeed wraps the optimizer those are fp32 master copies that DeepSpeed copies into the model only "
+        "inside step(), so evaluation and checkpoints would see the training iterate instead of the average"),
+}
+
+
+def _refusal(class_name: str, wrapped: bool) -> str | None:
+    """Why ``class_name`` cannot run under this DeepSpeed config, or None."""
+    for names, why in _WRAPPED_REFUSALS.items():
+        if wrapped and class_name in names:
+            return (f"{class_name} cannot run under DeepSpeed ZeRO 1-3 or DeepSpeed's fp16/bf16: it {why}. Use a "
+                    "ZeRO-0 fp32 config (ds_configs/zero0.json with fp16 and bf16 off) or plain DDP "
+                    "(launch/ddp_single_node.yaml), or --optimizer adaptopt, whose learned step size is shard-aware.")
+    return None
 
 
 def _all_reduce_fn(engine):

@@ -10,11 +10,15 @@ One math, three implementations of the same signature:
   Adam step), with the adaptive-LR/momentum statistics reduced inside the same loop. Small tensors are
   concatenated into one first (see ``_SMALL_NUMEL``).
 
-Every function updates ``params``, ``exp_avgs``, ``exp_avg_sqs`` in place and, when ``want_stats`` is
-true, returns a float64 tensor ``[g·u, g·g, u·u]`` summed over the tensors given, where
-``u = m̂_{t-1} / (sqrt(v̂_{t-1}) + eps)`` is the direction of the *previous* update recomputed from the
-moments before they are overwritten (so no extra state buffer is needed). The caller turns those sums
-into cos(g_t, u_{t-1}) after reducing them over shards (see ``AdaptOpt``).
+Every function updates ``params``, ``exp_avgs``, ``exp_avg_sqs`` in place and returns a float64 tensor of
+sums over the tensors given (None when it has none to return):
+
+- when ``want_stats``: ``[g·u, g·g, u·u]``, where ``u = m̂_{t-1} / (sqrt(v̂_{t-1}) + eps)`` is the direction
+  of the *previous* update recomputed from the moments before they are overwritten (so no extra state
+  buffer is needed). The caller turns them into cos(g_t, u_{t-1}) after reducing them over shards;
+- when ``x0s`` (the reference points of the Mechanic scale, ``mechanic.py``) are given, then:
+  ``[g·d, x·d, x·x, g·g]`` with ``d = x - x0`` taken before the update, and the update also stretches the
+  displacement: ``x <- x + scale_shift * (x - x0)`` on top of the AdamW step.
 
 Per-tensor scalars come precomputed from the caller in ``TensorScalars`` because tensors can be at
 different step counts (a parameter that got no gradient for a while).
@@ -41,10 +45,18 @@ class TensorScalars:
     # For the statistics of the previous update direction u_{t-1} (unused at t == 1 where m = v = 0):
     bias_correction1_prev: float  # 1 - prod_{i<=t-1} beta1_i   (1.0 at t == 1)
     bias_correction2_prev_sqrt: float  # sqrt(1 - beta2^(t-1))  (1.0 at t == 1)
+    # Mechanic: x - x0 is multiplied by 1 + scale_shift = s_t / s_{t-1} (0.0 when the scale did not move)
+    scale_shift: float = 0.0
 
 
-def _zero_stats(device) -> Tensor:
-    return torch.zeros(3, dtype=torch.float64, device=device)
+def _zero_stats(device, n: int = 3) -> Tensor:
+    return torch.zeros(n, dtype=torch.float64, device=device)
+
+
+def _join(stats: Tensor | None, distance: Tensor | None) -> Tensor | None:
+    """The sums a function returns: the cosine's, then the distance's, whichever were asked for."""
+    present = [t for t in (stats, distance) if t is not None]
+    return torch.cat(present) if present else None
 
 
 def adaptopt_single_tensor(
@@ -57,19 +69,26 @@ def adaptopt_single_tensor(
     beta2: float,
     eps: float,
     want_stats: bool,
+    x0s: list[Tensor] | None = None,
 ) -> Tensor | None:
     stats = _zero_stats(params[0].device) if (want_stats and params) else None
-    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, scalars):
+    distance = _zero_stats(params[0].device, 4) if (x0s is not None and params) else None
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, scalars)):
         if stats is not None:
             # u_{t-1} from the moments as they were after step t-1.
             u = (m / s.bias_correction1_prev) / (v.sqrt() / s.bias_correction2_prev_sqrt + eps)
             stats += torch.stack([(g * u).sum(), (g * g).sum(), (u * u).sum()]).to(torch.float64)
+        if distance is not None:
+            d = p - x0s[i]
+            distance += torch.stack([(g * d).sum(), (p * d).sum(), (p * p).sum(), (g * g).sum()]).to(torch.float64)
         p.mul_(s.decay)
+        if distance is not None and s.scale_shift != 0.0:
+            p.add_(d, alpha=s.scale_shift)
         m.lerp_(g, 1 - s.beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / s.bias_correction2_sqrt).add_(eps)
         p.addcdiv_(m, denom, value=-s.step_size)
-    return stats
+    return _join(stats, distance)
 
 
 def adaptopt_foreach(
@@ -82,10 +101,18 @@ def adaptopt_foreach(
     beta2: float,
     eps: float,
     want_stats: bool,
+    x0s: list[Tensor] | None = None,
 ) -> Tensor | None:
     if not params:
         return None
-    stats = None
+    stats = distance = None
+    if x0s is not None:
+        d = torch._foreach_sub(params, x0s)
+        gd = torch.stack([x.sum() for x in torch._foreach_mul(grads, d)]).to(torch.float64).sum()
+        pd = torch.stack([x.sum() for x in torch._foreach_mul(params, d)]).to(torch.float64).sum()
+        pp = torch.stack(torch._foreach_norm(params)).to(torch.float64).square().sum()
+        gg = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square().sum()
+        distance = torch.stack([gd, pd, pp, gg])
     if want_stats:
         # u = (m / bc1_prev) / (sqrt(v) / sqrt(bc2_prev) + eps), elementwise over every tensor.
         denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -99,6 +126,8 @@ def adaptopt_foreach(
         stats = torch.stack([gu.to(torch.float64), gg, uu])
         del u, denom
     torch._foreach_mul_(params, [s.decay for s in scalars])
+    if x0s is not None and any(s.scale_shift != 0.0 for s in scalars):
+        torch._foreach_add_(params, torch._foreach_mul(d, [s.scale_shift for s in scalars]))
     # m <- m + (1 - beta1) (g - m): lerp with per-tensor weights.
     for beta1, idx in _indices_by_value([s.beta1 for s in scalars]).items():
         torch._foreach_lerp_([exp_avgs[i] for i in idx], [grads[i] for i in idx], 1 - beta1)
@@ -108,7 +137,7 @@ def adaptopt_foreach(
     torch._foreach_div_(denom, [s.bias_correction2_sqrt for s in scalars])
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-s.step_size for s in scalars])
-    return stats
+    return _join(stats, distance)
 
 
 def _indices_by_value(values: list[float]) -> dict[float, list[int]]:
@@ -128,71 +157,68 @@ def _pack_scalars(rows: list[TensorScalars], beta2: float, eps: float, like: Ten
     values = [
         [s.step_size, s.decay, 1 - s.beta1, beta2, 1 - beta2, eps,
          1 / s.bias_correction2_sqrt, 1 / s.bias_correction1_prev, 1 / s.bias_correction2_prev_sqrt,
-         grad_scale]
+         grad_scale, s.scale_shift]
         for s in rows
     ]
     return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
-def _adam_update(p, g, m, v, scalars) -> None:
-    """One tensor's AdamW update in place, from its row of ``_pack_scalars``.
+def _update(p, g, m, v, x0, scalars, want_stats: bool) -> list[Tensor]:
+    """One tensor's update in place, from its row of ``_pack_scalars``; returns its sums (see the module
+    docstring): the cosine's when ``want_stats``, the distance's when ``x0`` is given.
 
     The gradient is multiplied by ``grad_scale`` (the clipping factor, 1.0 when not clipping) on the way
     in, so clipping costs no pass of its own and ``g`` itself is left as it was.
-    """
-    (step_size, decay, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc2_sqrt, _, _,
-     grad_scale) = scalars.unbind()
-    g = g * grad_scale
-    m_new = m + (g - m) * one_minus_beta1
-    v_new = v * beta2 + g * g * one_minus_beta2
-    p.copy_(p * decay - step_size * m_new / (v_new.sqrt() * inv_bc2_sqrt + eps))
-    m.copy_(m_new)
-    v.copy_(v_new)
 
-
-def _adaptopt_update(p, g, m, v, scalars) -> list[Tensor]:
-    """``_adam_update`` that also returns [g·u, g·g, u·u], u the previous update direction.
-
-    u = m̂_{t-1} / (sqrt(v̂_{t-1}) + eps) is read from the moments before they are overwritten. Its
-    denominator d_prev and the update's d share one division, r = 1 / (d_prev d), so the loop does
-    2 sqrt + 1 div per element instead of 2 + 2 (~5% faster on one CPU thread). d_prev d can only
+    With ``want_stats``, u = m̂_{t-1} / (sqrt(v̂_{t-1}) + eps) is read from the moments before they are
+    overwritten. Its denominator d_prev and the update's d share one division, r = 1 / (d_prev d), so the
+    loop does 2 sqrt + 1 div per element instead of 2 + 2 (~5% faster on one CPU thread). d_prev d can only
     overflow (r = 0) when g^2 itself overflows, where v is inf anyway.
 
     The sums accumulate in the parameters' precision but at least float32: inductor's CPU code sums
     float32 by cascade (pairwise over chunks of 4096), so the relative error stays ~1e-6 even over 10^8
-    elements, far below what a cosine that moves the LR by hypergrad_rate * cos needs, while float64
-    accumulators made the update ~40% slower on one CPU thread. The caller adds the per-tensor sums in
-    float64.
+    elements, far below what the adaptive rules need, while float64 accumulators made the update ~40%
+    slower on one CPU thread. The caller adds the per-tensor sums in float64.
     """
     (step_size, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
-     inv_bc2_sqrt, inv_bc1_prev, inv_bc2_prev_sqrt, grad_scale) = scalars.unbind()
+     inv_bc2_sqrt, inv_bc1_prev, inv_bc2_prev_sqrt, grad_scale, scale_shift) = scalars.unbind()
     g = g * grad_scale  # the clipped gradient: the update and the statistics both use it
-    d_prev = v.sqrt() * inv_bc2_prev_sqrt + eps
+    acc = torch.promote_types(g.dtype, torch.float32)
     m_new = m + (g - m) * one_minus_beta1
     v_new = v * beta2 + g * g * one_minus_beta2
-    d = v_new.sqrt() * inv_bc2_sqrt + eps
-    r = 1 / (d_prev * d)
-    u = m * inv_bc1_prev * (d * r)
-    acc = torch.promote_types(g.dtype, torch.float32)
-    stats = [(g * u).sum(dtype=acc), (g * g).sum(dtype=acc), (u * u).sum(dtype=acc)]
-    p.copy_(p * decay - step_size * m_new * (d_prev * r))
+    sums = []
+    if want_stats:
+        d_prev = v.sqrt() * inv_bc2_prev_sqrt + eps
+        d = v_new.sqrt() * inv_bc2_sqrt + eps
+        r = 1 / (d_prev * d)
+        u = m * inv_bc1_prev * (d * r)
+        sums += [(g * u).sum(dtype=acc), (g * g).sum(dtype=acc), (u * u).sum(dtype=acc)]
+        p_new = p * decay - step_size * m_new * (d_prev * r)
+    else:
+        p_new = p * decay - step_size * m_new / (v_new.sqrt() * inv_bc2_sqrt + eps)
+    if x0 is not None:
+        delta = p - x0  # before the update: x_t - x0
+        sums += [(g * delta).sum(dtype=acc), (p * delta).sum(dtype=acc), (p * p).sum(dtype=acc),
+                 (g * g).sum(dtype=acc)]
+        p_new = p_new + scale_shift * delta
+    p.copy_(p_new)
     m.copy_(m_new)
     v.copy_(v_new)
-    return stats
+    return sums
 
 
-def _adam_kernel(params, grads, exp_avgs, exp_avg_sqs, scalars) -> None:
-    for i in range(len(params)):
-        _adam_update(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], scalars[i])
+def _make_kernel(want_stats: bool, want_distance: bool) -> Callable:
+    def kernel(params, grads, exp_avgs, exp_avg_sqs, x0s, scalars) -> list[Tensor]:
+        """The sums of each tensor, one tensor after the other, as a flat list (fewer graph nodes than a
+        stacked tensor; see _CHUNK). Inductor fuses each tensor's sums and update into one loop that reads
+        p, g, m, v (and x0) once and writes p, m, v once (TORCH_LOGS=output_code)."""
+        sums = []
+        for i in range(len(params)):
+            sums += _update(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], x0s[i] if want_distance else None,
+                            scalars[i], want_stats)
+        return sums
 
-
-def _adaptopt_kernel(params, grads, exp_avgs, exp_avg_sqs, scalars) -> list[Tensor]:
-    """Returns the 3 path sums of each tensor, one after the other. Inductor fuses each tensor's sums and
-    update into one loop that reads p, g, m, v once and writes p, m, v once (TORCH_LOGS=output_code)."""
-    stats = []
-    for i in range(len(params)):
-        stats += _adaptopt_update(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], scalars[i])
-    return stats  # a flat list, not a stacked tensor: fewer graph nodes (see _CHUNK)
+    return kernel
 
 
 # Every compiled call updates exactly this many tensors (shorter lists are padded with dummies, below). Fewer
@@ -214,15 +240,15 @@ _SMALL_NUMEL = 16384
 # and guards on that, so a tensor at or below it would compile a second graph.
 _DUMMY_NUMEL = 4097
 
-# What p, g, m, v of a dummy tensor or of a concatenation's padding hold: zeros, and v = 1 so that every term
-# of their update and path sums is 0 in any dtype (v = 0 gives 0 * inf in float16, where eps rounds to 0).
-_PAD_FILLS = (0.0, 0.0, 0.0, 1.0)
+# What p, g, m, v, x0 of a dummy tensor or of a concatenation's padding hold: zeros, and v = 1 so that every
+# term of their update and sums is 0 in any dtype (v = 0 gives 0 * inf in float16, where eps rounds to 0).
+_PAD_FILLS = (0.0, 0.0, 0.0, 1.0, 0.0)
 
-_compiled_kernels: dict[bool, Callable] = {}
+_compiled_kernels: dict[tuple[bool, bool], Callable] = {}
 _dummies: dict[tuple, list[tuple[Tensor, ...]]] = {}
 
 
-def _get_compiled_kernel(want_stats: bool) -> Callable:
+def _get_compiled_kernel(want_stats: bool, want_distance: bool) -> Callable:
     # Compiled lazily: importing adaptopt must not pay for (or require) a compiler. Dynamic shapes with one
     # size symbol per tensor, and always _CHUNK tensors a call: one graph serves every model, ZeRO's flat
     # shards included. It compiles once, on the first call (the recipes make that call in their check that
@@ -234,19 +260,19 @@ def _get_compiled_kernel(want_stats: bool) -> Callable:
     # sizes of the first call, so a graph first compiled for 384-element tensors would also run the
     # 590k-element ones on one thread (measured on all-MiniLM-L6-v2 with 2 threads: the AdamW-only kernel
     # took 25.2 ms instead of 17.8).
-    if want_stats not in _compiled_kernels:
+    key = (want_stats, want_distance)
+    if key not in _compiled_kernels:
         options = dict(dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
         if "recompile_limit" in inspect.signature(torch.compile).parameters:
             options["recompile_limit"] = 64
-        _compiled_kernels[want_stats] = torch.compile(
-            _adaptopt_kernel if want_stats else _adam_kernel, **options)
-    return _compiled_kernels[want_stats]
+        _compiled_kernels[key] = torch.compile(_make_kernel(want_stats, want_distance), **options)
+    return _compiled_kernels[key]
 
 
 def _dummy_slots(dtype: torch.dtype, device: torch.device) -> list[tuple[Tensor, ...]]:
-    """_CHUNK - 1 sets of (p, g, m, v) (filled as _PAD_FILLS) that fill the empty places of a call. Distinct
-    tensors (dynamo compiles another graph when one tensor appears twice in a call). The kernel writes them;
-    their path sums are dropped."""
+    """_CHUNK - 1 sets of (p, g, m, v, x0) (filled as _PAD_FILLS) that fill the empty places of a call.
+    Distinct tensors (dynamo compiles another graph when one tensor appears twice in a call). The kernel
+    writes them; their sums are dropped."""
     key = (dtype, device)
     if key not in _dummies:
         _dummies[key] = [tuple(torch.full((_DUMMY_NUMEL,), fill, dtype=dtype, device=device) for fill in _PAD_FILLS)
@@ -283,15 +309,19 @@ def adaptopt_compiled(
     beta2: float,
     eps: float,
     want_stats: bool,
+    x0s: list[Tensor] | None = None,
     grad_scale: float = 1.0,
 ) -> Tensor | None:
     """The compiled path. ``grad_scale`` multiplies every gradient inside the kernel (AdaptOpt passes
-    the clipping factor): the update and the statistics use ``grads * grad_scale``, and ``grads`` are not
+    the clipping factor): the update and the sums use ``grads * grad_scale``, and ``grads`` are not
     modified."""
     if not params:
         return None
-    kernel = _get_compiled_kernel(want_stats)
-    # Flat (p, g, m, v, scalars) items for the kernel, by dtype and device: the large tensors as they are,
+    want_distance = x0s is not None
+    kernel = _get_compiled_kernel(want_stats, want_distance)
+    per_tensor = 3 * want_stats + 4 * want_distance  # sums each tensor returns
+    n_in = 5 if want_distance else 4  # tensors per item: p, g, m, v (, x0)
+    # Flat (p, g, m, v, x0, scalars) items for the kernel, by dtype and device: the large tensors as they are,
     # the small ones concatenated per set of scalars (almost always one: every tensor at the same step).
     items: dict[tuple, list[tuple]] = {}
     small: dict[tuple, list[int]] = {}
@@ -299,41 +329,44 @@ def adaptopt_compiled(
         if p.numel() <= _SMALL_NUMEL:
             small.setdefault((scalars[i], p.dtype, p.device), []).append(i)
         else:
-            items.setdefault((p.dtype, p.device), []).append(
-                (_flat(p), _flat(grads[i], written=False), _flat(exp_avgs[i]), _flat(exp_avg_sqs[i]), scalars[i]))
+            tensors = (_flat(p), _flat(grads[i], written=False), _flat(exp_avgs[i]), _flat(exp_avg_sqs[i]))
+            if want_distance:
+                tensors += (_flat(x0s[i], written=False),)
+            items.setdefault((p.dtype, p.device), []).append((*tensors, scalars[i]))
     gathered = []
+    sources = (params, grads, exp_avgs, exp_avg_sqs, x0s)[:n_in]
     for (row, dtype, device), idx in small.items():
         # Padded to _DUMMY_NUMEL elements if shorter, so that it runs in the same graph.
         pad = max(0, _DUMMY_NUMEL - sum(params[i].numel() for i in idx))
         flat = [torch.cat([t[i].reshape(-1) for i in idx]
                           + ([torch.full((pad,), fill, dtype=dtype, device=device)] if pad else []))
-                for t, fill in zip((params, grads, exp_avgs, exp_avg_sqs), _PAD_FILLS)]
+                for t, fill in zip(sources, _PAD_FILLS)]
         items.setdefault((dtype, device), []).append((*flat, row))
         gathered.append((idx, flat))
 
-    stats = []
+    sums = []
     packed: dict[tuple, Tensor] = {}  # calls whose tensors are at the same steps share (nearly always all)
     for (dtype, device), todo in items.items():
         dummies = _dummy_slots(dtype, device)
         for start in range(0, len(todo), _CHUNK):
             chunk = todo[start:start + _CHUNK]
             real = len(chunk)
-            rows = tuple(item[4] for item in chunk) + (chunk[0][4],) * (_CHUNK - real)
-            chunk = [item[:4] for item in chunk] + dummies[:_CHUNK - real]
+            rows = tuple(item[n_in] for item in chunk) + (chunk[0][n_in],) * (_CHUNK - real)
+            chunk = [item[:n_in] for item in chunk] + [d[:n_in] for d in dummies[:_CHUNK - real]]
             if rows not in packed:
                 packed[rows] = _pack_scalars(list(rows), beta2, eps, chunk[0][0], grad_scale)
+            columns = [list(ts) for ts in zip(*chunk)] + ([] if want_distance else [[]])  # x0s: [] unused
             with _no_duck_sizing():
-                out = kernel(*(list(ts) for ts in zip(*chunk)), packed[rows])
-            if want_stats:
-                stats += out[:3 * real]
+                out = kernel(*columns, packed[rows])
+            sums += out[:per_tensor * real]
 
-    for idx, (flat_p, _, flat_m, flat_v) in gathered:
+    for idx, (flat_p, _, flat_m, flat_v, *_) in gathered:
         sizes = [params[i].numel() for i in idx]
         for tensors, flat in ((params, flat_p), (exp_avgs, flat_m), (exp_avg_sqs, flat_v)):
             torch._foreach_copy_([tensors[i].view(-1) for i in idx], list(flat[:sum(sizes)].split(sizes)))
-    if not want_stats:
+    if not per_tensor:
         return None
-    return torch.stack(stats).view(-1, 3).to(torch.float64).sum(0)
+    return torch.stack(sums).view(-1, per_tensor).to(torch.float64).sum(0)
 
 
 def compiled_update_unavailable(device: torch.device | str = "cpu") -> str | None:
@@ -342,16 +375,16 @@ def compiled_update_unavailable(device: torch.device | str = "cpu") -> str | Non
 
     It runs the real kernel once, on float32 tensors of the size class a model's update uses (above
     ``_SMALL_NUMEL`` elements), so its compilation is not wasted: the training step that follows reuses
-    the graph (for float32 parameters with the adaptive parts on, AdaptOpt's default)."""
+    the graph (for float32 parameters with AdaptOpt's defaults: the cosine's and the distance's sums)."""
     try:
         numel = _SMALL_NUMEL + 1
-        tensors = [torch.zeros(numel, device=device) for _ in range(3)]
+        tensors = [torch.zeros(numel, device=device) for _ in range(4)]
         grad = torch.ones(numel, device=device)
         scalars = TensorScalars(step_size=1e-3, decay=1.0, beta1=0.9, bias_correction2_sqrt=0.1,
                                 bias_correction1_prev=1.0, bias_correction2_prev_sqrt=1.0)
         with torch.no_grad():  # as in optimizer.step(): grad mode is part of what the compiled graph guards on
             adaptopt_compiled([tensors[0]], [grad], [tensors[1]], [tensors[2]], [scalars],
-                              beta2=0.999, eps=1e-8, want_stats=True)
+                              beta2=0.999, eps=1e-8, want_stats=True, x0s=[tensors[3]])
         if not torch.isfinite(tensors[0]).all() or float(tensors[0][0]) >= 0:  # it must have stepped downhill
             return "the compiled update ran but produced a wrong result"
     except Exception as err:  # any failure of the toolchain: the reason goes into the caller's warning

@@ -7,7 +7,7 @@ Fields (bytes unless named otherwise; all per process, i.e. per rank under DDP o
   rank holds only a partition, the full counts DeepSpeed records as ``ds_numel``);
 * ``parameter_bytes``: the model's parameters this rank holds (its partition under ZeRO-3);
 * ``optimizer_state_bytes``: every tensor in the torch optimizer's ``state`` (Adam's exp_avg, exp_avg_sq,
-  step counters...), each storage counted once. Under DeepSpeed ZeRO-1/2/3 the optimizer's parameters
+  step counters; AdaptOpt's Mechanic start x0...), each storage counted once. Under DeepSpeed ZeRO-1/2/3 the optimizer's parameters
   are DeepSpeed's flat fp32 partitions, so this is the rank's share. Optimizers create state on their
   first step: it is 0 at the start;
 * ``gradient_bytes``: the ``.grad`` of the tensors the optimizer updated at its last step (read by a

@@ -22,16 +22,29 @@ from .clip import GradClipper
 from .optim import AdaptOpt
 from .validation import check_betas, check_nonneg, check_positive, check_range
 
-# name -> (constructor, default hyperparameters). Defaults are the papers' unless noted.
-OPTIMIZERS: dict[str, tuple[type, dict]] = {
+# name -> (constructor, the papers' defaults where they differ from the class's own). AdaptOpt owns its
+# defaults (optim.py): nothing is repeated here. The learning-rate-free peers come from their own packages
+# (``pip install 'adaptopt[peers]'``), imported when first used: "module:Class".
+OPTIMIZERS: dict[str, tuple[type | str, dict]] = {
     "sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.0, weight_decay=0.0)),
     "momentum": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=0.0)),
     "adagrad": (torch.optim.Adagrad, dict(lr=0.01, eps=1e-10, weight_decay=0.0)),  # torch's default lr
     "rmsprop": (torch.optim.RMSprop, dict(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=0.0)),
     "adam": (torch.optim.Adam, dict(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)),  # BERT setup
     "adamw": (torch.optim.AdamW, dict(lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)),
-    "adaptopt": (AdaptOpt, dict(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)),
+    "adaptopt": (AdaptOpt, {}),
+    # The authors' recommended settings (their READMEs): lr 1.0 (a multiplier of the estimated step size),
+    # AdamW-style decoupled weight decay (0.01, as adamw here); Prodigy's safeguard_warmup because the recipes
+    # warm up (without it "the method might overestimate d"). Schedule-Free replaces the schedule: its own
+    # linear warmup (the recipe passes warmup_steps) and the package's default lr.
+    "prodigy": ("prodigyopt:Prodigy", dict(lr=1.0, weight_decay=0.01, decouple=True, safeguard_warmup=True)),
+    "dadapt_adam": ("dadaptation:DAdaptAdam", dict(lr=1.0, weight_decay=0.01, decouple=True)),
+    "schedulefree_adamw": ("schedulefree:AdamWScheduleFree", dict(weight_decay=0.01)),
 }
+
+# Optimizers that replace the LR schedule and keep two iterates (train/eval): the recipe runs them with a
+# constant schedule, hands them the warmup, and calls optimizer.train()/eval() around evaluation and saving.
+SCHEDULE_FREE = frozenset({"schedulefree_adamw"})
 
 # Constructor arguments that pick an implementation (or AdaptOpt's sharding hook), not the math: left out
 # of the hyperparameters a run records.
@@ -45,13 +58,30 @@ def optimizer_names() -> list[str]:
     return list(OPTIMIZERS)
 
 
+def optimizer_class(name: str) -> type:
+    """The class behind a registry name, importing a peer's package on first use.
+
+    Raises ValueError naming the package to install when it is missing."""
+    spec, _ = OPTIMIZERS[name.lower()]
+    if not isinstance(spec, str):
+        return spec
+    module, attr = spec.split(":")
+    try:
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)
+    except ImportError:
+        raise ValueError(f"optimizer {name!r} comes from the {module} package, which is not installed: "
+                         f"pip install 'adaptopt[peers]' (or pip install {module})") from None
+
+
 def default_hyperparameters(name: str) -> dict:
     """Every hyperparameter ``build_optimizer(name, ...)`` uses where the caller sets none: the registry's
     defaults over the class's own signature defaults. The optimizer study records them with each run, so
     that a library default changed later (say AdaptOpt's ``hypergrad_rate``) cannot pass for the old one."""
     import inspect
 
-    cls, defaults = OPTIMIZERS[name.lower()]
+    cls, defaults = optimizer_class(name), OPTIMIZERS[name.lower()][1]
     signature = {k: v.default for k, v in inspect.signature(cls).parameters.items()
                  if v.default is not inspect.Parameter.empty and k not in IMPLEMENTATION_ARGS}
     return {**signature, **defaults}
@@ -61,7 +91,7 @@ def run_hyperparameters(optimizer: torch.optim.Optimizer) -> dict:
     """The hyperparameters an optimizer was built with (its ``defaults``), for results.json: without the
     implementation switches and without AdaptOpt's run-time scalars (the LR scale and path statistics).
     Clipping is not among them: the recipe's --max_grad_norm sets it (and under DeepSpeed the engine clips)."""
-    runtime = {"lr_scale", "path_cos", "pending_stats", "pending_step"}
+    runtime = {"lr_scale", "path_cos", "pending_stats", "pending_step", "index"}
     return {k: v for k, v in optimizer.defaults.items() if k not in IMPLEMENTATION_ARGS and k not in runtime}
 
 
@@ -99,15 +129,21 @@ def _validate(name: str, hp: dict) -> None:
         check_range("alpha", hp["alpha"], 0.0, 1.0, "[0, 1)")
 
 
+_CLASS_DEFAULT = object()  # build_optimizer's max_grad_norm when not given: whatever the class does by itself
+
+
 def build_optimizer(
     name: str,
     params: nn.Module | Iterable,
     *,
-    max_grad_norm: float | None = None,
+    max_grad_norm: float | None = _CLASS_DEFAULT,
     adaptive_clip: bool = False,
     **hyperparameters,
 ) -> torch.optim.Optimizer:
     """A torch optimizer by registry name, with the papers' defaults overridden by ``hyperparameters``.
+
+    ``max_grad_norm``: the global L2 clipping threshold (None: no clipping). Not given, an optimizer clips as
+    its class does when built directly: AdaptOpt at its own default (1.0), the torch baselines not at all.
 
     Raises ValueError naming the bad value and the valid range for unknown names, unknown
     hyperparameters and out-of-range values.
@@ -115,24 +151,26 @@ def build_optimizer(
     key = name.lower()
     if key not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    cls, defaults = OPTIMIZERS[key]
+    cls, defaults = optimizer_class(key), OPTIMIZERS[key][1]
     hp = {**defaults, **{k: v for k, v in hyperparameters.items() if v is not None}}
     _validate(key, hp)
 
     if isinstance(params, nn.Module):
-        params = param_groups(params, hp["weight_decay"])
+        params = param_groups(params, hp.get("weight_decay", default_hyperparameters(key).get("weight_decay", 0.0)))
     else:
         params = [p for p in params if not isinstance(p, torch.Tensor) or p.requires_grad]
 
     if cls is AdaptOpt:  # AdaptOpt owns its clipper
-        hp.update(max_grad_norm=max_grad_norm, adaptive_clip=adaptive_clip)
+        hp["adaptive_clip"] = adaptive_clip
+        if max_grad_norm is not _CLASS_DEFAULT:
+            hp["max_grad_norm"] = max_grad_norm
     try:
         optimizer = cls(params, **hp)
     except TypeError as err:  # an argument the class does not take
-        raise ValueError(f"optimizer {name!r}: {err}; its defaults are {defaults}") from None
+        raise ValueError(f"optimizer {name!r}: {err}; its defaults are {default_hyperparameters(key)}") from None
     if cls is AdaptOpt:
         return optimizer
-    clipper = GradClipper(max_grad_norm, adaptive=adaptive_clip)
+    clipper = GradClipper(None if max_grad_norm is _CLASS_DEFAULT else max_grad_norm, adaptive=adaptive_clip)
     if clipper.enabled:
         clipper.attach(optimizer)
     return optimizer

@@ -37,7 +37,7 @@ from .distributed import DeepSpeedRun, fix_cpu_deepspeed_state
 from .memory import MemoryTracker, format_report, numel, peak_memory_mb
 from .models import ModelNotFoundError
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
-from .registry import run_hyperparameters
+from .registry import SCHEDULE_FREE, run_hyperparameters
 from .skipped import TooManySkippedUpdates, UpdateMonitor
 
 logger = get_logger(__name__)
@@ -108,19 +108,20 @@ class RecipeRun:
         args, acc, ds_run = self.args, self.accelerator, self.ds_run
         if not hasattr(self, "n_total"):
             self.n_total, self.n_train = parameter_counts(model)
-        optimizer = cli.optimizer_from_args(args, model, clip=ds_run is None or ds_run.optimizer_clips,
-                                             device=acc.device)
-        self.base_optimizer = optimizer  # the torch optimizer itself: prepare() wraps it (DeepSpeed's wrapper too)
-        if args.lora:
-            from .lora import check_optimizer_params
-
-            check_optimizer_params(optimizer, model)
         # Updates per epoch as each process will see them after prepare() shards the data.
         self.updates_per_epoch = math.ceil(math.ceil(len(train_dl) / acc.num_processes)
                                            / args.gradient_accumulation_steps)
         if args.max_train_steps is None:
             args.max_train_steps = math.ceil(args.num_train_epochs * self.updates_per_epoch)
         self.num_epochs = math.ceil(args.max_train_steps / self.updates_per_epoch)
+        optimizer = cli.optimizer_from_args(args, model, clip=ds_run is None or ds_run.optimizer_clips,
+                                             device=acc.device,
+                                             warmup_steps=cli.warmup_steps(args, args.max_train_steps))
+        self.base_optimizer = optimizer  # the torch optimizer itself: prepare() wraps it (DeepSpeed's wrapper too)
+        if args.lora:
+            from .lora import check_optimizer_params
+
+            check_optimizer_params(optimizer, model)
         scheduler = cli.scheduler_from_args(args, optimizer, args.max_train_steps)
         if ds_run is not None:
             ds_run.guard(optimizer, scheduler)
@@ -166,17 +167,28 @@ class RecipeRun:
         total = self.accelerator.reduce(local, reduction="sum").tolist()
         return self.epoch_loss_restored[0] + total[0], self.epoch_loss_restored[1] + round(total[1])
 
+    def _optimizer_mode(self, mode: str) -> None:
+        """Schedule-Free keeps two iterates: the parameters must hold the averaged one ("eval") whenever the
+        model is evaluated or saved, and the one gradients are taken at ("train") while training. The other
+        optimizers have no modes."""
+        if self.args.optimizer in SCHEDULE_FREE:
+            getattr(self.base_optimizer, mode)()
+
     def _save(self, epoch: int, batches_in_epoch: int) -> None:
         loss_sum, loss_count = self._epoch_loss()
+        self._optimizer_mode("eval")
         path = save_checkpoint(self.accelerator, self.args.output_dir, dict(
             completed_steps=self.completed_steps, epoch=epoch, batches_in_epoch=batches_in_epoch,
             epoch_loss_sum=loss_sum, epoch_loss_count=loss_count), self.args.keep_checkpoints)
+        self._optimizer_mode("train")
         logger.info(f"checkpoint: {path}")
 
     def _evaluate(self, evaluate: Callable[[], dict], primary_metric: str | None, epoch: int) -> dict:
         self.model.eval()
+        self._optimizer_mode("eval")
         with torch.no_grad():
             results = evaluate()
+        self._optimizer_mode("train")
         self.model.train()
         logger.info(f"eval at update {self.completed_steps} (epoch {epoch}): {results}")
         if primary_metric is not None:  # the plateau schedule reacts to it (others ignore it)
@@ -209,6 +221,7 @@ class RecipeRun:
         progress_bar = tqdm(range(args.max_train_steps), initial=self.completed_steps,
                             disable=not acc.is_local_main_process)
         model.train()
+        self._optimizer_mode("train")
         loss_sum, loss_count, results = 0.0, 0, {}
         tick = time.perf_counter()
         for epoch in range(self.start_epoch, self.num_epochs):
@@ -270,6 +283,7 @@ class RecipeRun:
             if done:
                 break
         progress_bar.close()
+        self._optimizer_mode("eval")  # the model that is saved and reported is the averaged one
         loss_sum, loss_count = self._epoch_loss()
         self.final_train_loss = loss_sum / loss_count if loss_count else self.last_train_loss
         return results
@@ -278,9 +292,11 @@ class RecipeRun:
         stats = {"train/loss": mean_loss, "train/lr": cli.effective_lr(self.base_optimizer)}
         if self.clipper is not None:
             stats.update({"train/grad_norm": self.clipper.last_norm, "train/skipped_updates": self.monitor.skipped})
+        group = self.base_optimizer.param_groups[0]
         if self.args.optimizer == "adaptopt":
-            group = self.base_optimizer.param_groups[0]
             stats.update({"train/lr_scale": group["lr_scale"], "train/beta1": self.base_optimizer.current_beta1(group)})
+        elif "d" in group:  # Prodigy, D-Adaptation: the step size they estimated
+            stats["train/d"] = group["d"]
         progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats['train/lr']:.2e}")
         if self.args.with_tracking:
             self.accelerator.log(stats, step=self.completed_steps)

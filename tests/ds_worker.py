@@ -68,10 +68,18 @@ def ds_config(name: str, precision: str) -> dict:
     return config
 
 
-def reference(opt_name: str, steps: int, adaptive_clip: bool, skip_step: int | None):
+def build(opt_name: str, model, **kwargs):
+    """The optimizer as the recipes build it; Schedule-Free steps in train mode."""
+    optimizer = build_optimizer(opt_name, model, lr=LR, **kwargs)
+    if hasattr(optimizer, "train"):
+        optimizer.train()
+    return optimizer
+
+
+def reference(opt_name: str, steps: int, adaptive_clip: bool, skip_step: int | None, rule: dict):
     """The single-process run: fp32 PyTorch, whole global batch, the optimizer's own clipping."""
     model = make_model()
-    opt = build_optimizer(opt_name, model, lr=LR, max_grad_norm=CLIP, adaptive_clip=adaptive_clip)
+    opt = build(opt_name, model, max_grad_norm=CLIP, adaptive_clip=adaptive_clip, **rule)
     sched = build_scheduler(opt, "linear", total_steps=steps, warmup_steps=2)
     x, y, x_eval, y_eval = make_data(steps)
     norms = []
@@ -90,13 +98,13 @@ def reference(opt_name: str, steps: int, adaptive_clip: bool, skip_step: int | N
 
 
 def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, adaptive_clip: bool,
-                  skip_step: int | None, fused: bool = False):
+                  skip_step: int | None, rule: dict, fused: bool = False):
     rank = dist.get_rank()
     config = ds_config(config_name, precision)
     model = make_model()
     run = DeepSpeedRun(config, CLIP, adaptive_clip)
-    optimizer = build_optimizer(opt_name, model, lr=LR, max_grad_norm=CLIP if run.optimizer_clips else None,
-                                adaptive_clip=adaptive_clip and run.optimizer_clips, **({"fused": True} if fused else {}))
+    optimizer = build(opt_name, model, max_grad_norm=CLIP if run.optimizer_clips else None,
+                      adaptive_clip=adaptive_clip and run.optimizer_clips, **rule, **({"fused": True} if fused else {}))
     scheduler = build_scheduler(optimizer, "linear", total_steps=steps, warmup_steps=2)
     run.guard(optimizer, scheduler)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -139,9 +147,10 @@ def main() -> None:
         adaptive_clip = "adaptive_clip" in flags
         skip_step = 2 if "overflow" in flags else None
         steps = 30 if adaptive_clip else STEPS  # ZClip's threshold takes over after 25 norms
-        ref_params, ref_final, ref_norms, ref_applied = reference(opt_name, steps, adaptive_clip, skip_step)
+        rule = {"adaptive_lr": "hypergradient"} if "hypergradient" in flags else {}
+        ref_params, ref_final, ref_norms, ref_applied = reference(opt_name, steps, adaptive_clip, skip_step, rule)
         params, final, norms, applied, skipped, state_steps = deepspeed_run(
-            opt_name, config_name, precision, steps, adaptive_clip, skip_step, fused="fused" in flags)
+            opt_name, config_name, precision, steps, adaptive_clip, skip_step, rule, fused="fused" in flags)
         if out is not None:
             # the largest parameter difference, relative to how far the reference moved the parameters
             moved = max(float((a - b).abs().max()) for a, b in zip(ref_params, make_model().parameters()))

@@ -76,7 +76,7 @@ def test_fused_torch_baseline_steps_like_the_eager_one():
 
 def test_adaptopt_only_flags_are_refused_for_other_optimizers():
     with pytest.raises(SystemExit):
-        parse("--optimizer", "adamw", "--no_adaptive_lr")
+        parse("--optimizer", "adamw", "--adaptive_lr", "none")
 
 
 @pytest.mark.parametrize("total, warmup", [(1, 0), (2, 1), (10, 1), (100, 10)])

@@ -24,6 +24,12 @@ PRECISIONS = ["fp32", "bf16", "fp16"]
 CASES = [[o, c, p, ""] for o in OPTIMIZERS for c in CONFIGS for p in PRECISIONS
          if not (o == "adagrad" and c != "zero0.json")]
 CASES += [["adaptopt", c, "fp32", "adaptive_clip"] for c in ("zero0.json", "zero2.json", "zero3.json")]
+# AdaptOpt's other LR rule (the default, Mechanic, is in the matrix above)
+CASES += [["adaptopt", c, "fp32", "hypergradient"] for c in ("zero0.json", "zero2.json", "zero3.json")]
+# The learning-rate-free peers where DeepSpeed runs them right (ZeRO-0 fp32: the engine calls them directly with
+# full, averaged gradients); everywhere else they are refused (test_peers_are_refused_where_deepspeed_wraps_them).
+PEERS = ["prodigy", "dadapt_adam", "schedulefree_adamw"]
+CASES += [[o, "zero0.json", "fp32", ""] for o in PEERS]
 CASES += [[o, c, "fp16", "overflow"] for o, c in
           (("adaptopt", "zero0.json"), ("adaptopt", "zero2.json"), ("adaptopt", "zero3.json"), ("adamw", "zero2.json"))]
 # AdaptOpt's compiled update (the recipes' default where torch.compile works) on DeepSpeed's flat
@@ -99,6 +105,24 @@ def test_adagrad_under_zero_is_refused_with_the_reason():
     run = DeepSpeedRun(json.loads((REPO / "ds_configs" / "zero2.json").read_text()), 1.0, False)
     with pytest.raises(ValueError, match="adagrad cannot run under DeepSpeed ZeRO-1/2/3.*zero0.json"):
         run.guard(build_optimizer("adagrad", torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("name,config,precision", [
+    ("prodigy", "zero2.json", "fp32"), ("dadapt_adam", "zero3.json", "fp32"), ("prodigy", "zero0.json", "bf16"),
+    ("schedulefree_adamw", "zero1.json", "fp32"), ("schedulefree_adamw", "zero0.json", "fp16")])
+def test_peers_are_refused_where_deepspeed_wraps_them(name, config, precision):
+    """Prodigy and D-Adapt would take a different step size on every rank and group, Schedule-Free would
+    evaluate and save the wrong iterate: refused before training, with the reason and what to use instead."""
+    from adaptopt import build_optimizer
+    from adaptopt.distributed import DeepSpeedRun
+
+    ds = json.loads((REPO / "ds_configs" / config).read_text())
+    for key in ("fp16", "bf16"):
+        ds[key]["enabled"] = key == precision
+    run = DeepSpeedRun(ds, 1.0, False)
+    with pytest.raises(ValueError, match=r"cannot run under DeepSpeed ZeRO 1-3 or DeepSpeed's fp16/bf16: it .*"
+                                         r"Use a ZeRO-0 fp32 config .* or plain DDP .* or --optimizer adaptopt"):
+        run.guard(build_optimizer(name, torch.nn.Linear(2, 2)))
 
 
 def test_auto_clipping_becomes_the_recipes_value_and_one_side_clips():

@@ -15,9 +15,12 @@ IMPL_IDS = ["single_tensor", "foreach", "compiled"]
 
 ADAPTIVE = dict(
     lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
-    adaptive_lr=True, hypergrad_rate=0.2, lr_scale_bounds=(0.25, 4.0),
+    adaptive_lr="hypergradient", hypergrad_rate=0.2, lr_scale_bounds=(0.25, 4.0),
     adaptive_momentum=True, momentum_rate=0.5, beta1_max=0.99, max_grad_norm=2.0,
 )
+# The Mechanic rule; its scale starts at scale_init = 1% of lr, far below what this problem needs, so it must grow.
+MECHANIC = dict(ADAPTIVE, adaptive_lr="mechanic", scale_decay=0.01, scale_init=0.01)
+RULES = {"hypergradient": ADAPTIVE, "mechanic": MECHANIC}
 
 
 def make_params(seed=0, dtype=torch.float64):
@@ -41,7 +44,7 @@ def test_reduces_to_torch_adamw_for_100_steps(impl):
     ours = [p.clone().requires_grad_() for p in init]
     theirs = [p.clone().requires_grad_() for p in init]
     opt = AdaptOpt(ours, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05,
-                   adaptive_lr=False, adaptive_momentum=False, max_grad_norm=None, **impl)
+                   adaptive_lr=None, adaptive_momentum=False, max_grad_norm=None, **impl)
     ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, foreach=False)
     for grads_of in grad_stream(init, 100):
         grads = grads_of(theirs)
@@ -60,9 +63,11 @@ def test_reduces_to_torch_adamw_for_100_steps(impl):
 
 @pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
 @pytest.mark.parametrize("adaptive_lr,adaptive_momentum,max_grad_norm", [
-    (True, True, 2.0), (True, False, None), (False, True, 2.0), (False, False, 0.5)])
+    ("mechanic", True, 2.0), ("mechanic", False, None), ("hypergradient", True, 2.0),
+    ("hypergradient", False, None), (None, True, 2.0), (None, False, 0.5)])
 def test_matches_float64_reference(impl, adaptive_lr, adaptive_momentum, max_grad_norm):
-    hp = dict(ADAPTIVE, adaptive_lr=adaptive_lr, adaptive_momentum=adaptive_momentum, max_grad_norm=max_grad_norm)
+    hp = dict(RULES.get(adaptive_lr, ADAPTIVE), adaptive_lr=adaptive_lr, adaptive_momentum=adaptive_momentum,
+              max_grad_norm=max_grad_norm)
     init = make_params()
     params = [p.clone().requires_grad_() for p in init]
     opt = AdaptOpt(params, **hp, **impl)
@@ -77,15 +82,19 @@ def test_matches_float64_reference(impl, adaptive_lr, adaptive_momentum, max_gra
         torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
     group = opt.param_groups[0]
     assert group["lr_scale"] == pytest.approx(ref.s_used, rel=1e-9)  # the scale the last step used
-    if adaptive_lr:
+    if adaptive_lr == "mechanic":
+        assert group["lr_scale"] > 10 * MECHANIC["scale_init"]  # it found a step far larger than its start
+    elif adaptive_lr:
         assert group["lr_scale"] != 1.0  # the adaptive rule really moved the scale
 
 
-def test_stepping_sub_groups_separately_as_deepspeed_does_matches_one_step():
+@pytest.mark.parametrize("rule", RULES)
+def test_stepping_sub_groups_separately_as_deepspeed_does_matches_one_step(rule):
     """DeepSpeed calls step() once per param group (ZeRO-1/2) and, under ZeRO-3, once per sub-group with
-    the other groups emptied. The deferred statistics must make that identical to one step() over all."""
+    the other groups emptied. The deferred statistics must make that identical to one step() over all
+    (for Mechanic: one scale from the sums of every group)."""
     init = make_params()
-    hp = dict(ADAPTIVE, max_grad_norm=None)  # under DeepSpeed the engine clips, before step()
+    hp = dict(RULES[rule], max_grad_norm=None)  # under DeepSpeed the engine clips, before step()
     whole = [p.clone().requires_grad_() for p in init]
     split = [p.clone().requires_grad_() for p in init]
     opt_whole = AdaptOpt([{"params": whole[:5]}, {"params": whole[5:], "weight_decay": 0.0}], **hp)
@@ -113,7 +122,7 @@ def test_adaptive_parts_change_the_trajectory():
     """Guards the reference test against a degenerate stream where the adaptive rules do nothing."""
     init = make_params()
     runs = {}
-    for name, hp in {"adaptive": ADAPTIVE, "plain": dict(ADAPTIVE, adaptive_lr=False, adaptive_momentum=False)}.items():
+    for name, hp in {"adaptive": ADAPTIVE, "plain": dict(ADAPTIVE, adaptive_lr=None, adaptive_momentum=False)}.items():
         params = [p.clone().requires_grad_() for p in init]
         opt = AdaptOpt(params, **hp)
         for grads_of in grad_stream(init, 50):
@@ -124,10 +133,11 @@ def test_adaptive_parts_change_the_trajectory():
     assert (runs["adaptive"] - runs["plain"]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("impl", IMPLS[:2], ids=IMPL_IDS[:2])
-def test_state_dict_round_trip_continues_identically(impl):
+def test_state_dict_round_trip_continues_identically(impl, rule):
     init = make_params()
-    hp = dict(ADAPTIVE, adaptive_clip=True, **impl)
+    hp = dict(RULES[rule], adaptive_clip=True, **impl)
 
     def run(params, opt, stream):
         for grads_of in stream:
@@ -142,6 +152,7 @@ def test_state_dict_round_trip_continues_identically(impl):
     saved_params = [p.detach().clone() for p in a]
     saved_state = copy.deepcopy(opt_a.state_dict())
     assert "grad_clipper" in saved_state  # the adaptive clipping statistics travel with the optimizer
+    assert ("lr_tuner" in saved_state) == (rule == "mechanic")  # and so does Mechanic's learner
     run(a, opt_a, stream[20:])
 
     b = [p.clone().requires_grad_() for p in saved_params]
@@ -157,14 +168,20 @@ def test_state_dict_round_trip_continues_identically(impl):
 def test_optional_state_only_when_enabled():
     p = torch.nn.Parameter(torch.randn(4))
     p.grad = torch.randn(4)
-    plain = AdaptOpt([p], adaptive_lr=False, adaptive_momentum=False)
+    plain = AdaptOpt([p], adaptive_lr=None, adaptive_momentum=False)
     plain.step()
-    assert set(plain.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(plain.state[p]) == {"step", "exp_avg", "exp_avg_sq"} and plain.lr_tuner is None
     q = torch.nn.Parameter(torch.randn(4))
     q.grad = torch.randn(4)
-    full = AdaptOpt([q], adaptive_lr=True, adaptive_momentum=True)
+    hyper = AdaptOpt([q], adaptive_lr="hypergradient", adaptive_momentum=True)
+    hyper.step()
+    assert set(hyper.state[q]) == {"step", "exp_avg", "exp_avg_sq", "beta1_prod"}
+    r = torch.nn.Parameter(torch.randn(4))
+    r.grad = torch.randn(4)
+    full = AdaptOpt([r])  # the defaults: Mechanic keeps the start x0 (the one extra buffer per element)
     full.step()
-    assert set(full.state[q]) == {"step", "exp_avg", "exp_avg_sq", "beta1_prod"}
+    assert set(full.state[r]) == {"step", "exp_avg", "exp_avg_sq", "beta1_prod", "x0"}
+    assert full.state[r]["x0"].dtype == r.dtype and full.state[r]["x0"].shape == r.shape
 
 
 def test_non_finite_gradient_skips_the_step_and_keeps_parameters():
@@ -198,13 +215,14 @@ def test_closure_and_zero_grad():
     assert p.grad is None
 
 
-def test_elementwise_update_is_shape_agnostic():
+@pytest.mark.parametrize("rule", RULES)
+def test_elementwise_update_is_shape_agnostic(rule):
     """ZeRO hands the optimizer flat partitions: the same numbers in any shape give the same update."""
     init = make_params()
     shaped = [p.clone().requires_grad_() for p in init]
     flat = torch.cat([p.reshape(-1) for p in init]).clone().requires_grad_()
-    opt_shaped = AdaptOpt(shaped, **ADAPTIVE)
-    opt_flat = AdaptOpt([flat], **ADAPTIVE)
+    opt_shaped = AdaptOpt(shaped, **RULES[rule])
+    opt_flat = AdaptOpt([flat], **RULES[rule])
     for grads_of in grad_stream(init, 30):
         grads = grads_of(shaped)
         for p, g in zip(shaped, grads):
@@ -223,6 +241,9 @@ def test_elementwise_update_is_shape_agnostic():
     (dict(eps=0.0), r"Invalid eps: 0.0 \(must be a number > 0\)"),
     (dict(weight_decay=-0.1), r"Invalid weight_decay: -0.1"),
     (dict(lr_scale_bounds=(2.0, 4.0)), r"Invalid lr_scale_bounds"),
+    (dict(adaptive_lr=True), r"Invalid adaptive_lr: True \(must be one of \('mechanic', 'hypergradient'\) or None\)"),
+    (dict(scale_decay=-1.0), r"Invalid scale_decay: -1.0"),
+    (dict(scale_init=0.0), r"Invalid scale_init: 0.0 \(must be in \(0, 1\]\)"),
     (dict(max_grad_norm=0.0), r"Invalid max_grad_norm: 0.0 \(must be > 0"),
     (dict(foreach=True, fused=True), r"exclusive"),
 ])
@@ -251,11 +272,13 @@ def _zclip_reference(norms, *, max_norm, warmup_steps=25, ema_decay=0.97, z_thre
     return factors
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("adaptive_clip", [False, True], ids=["fixed", "zclip"])
-def test_fused_clipping_in_kernel_matches_reference(adaptive_clip):
-    """fused=True: the kernel multiplies g by the clip factor; the update and the cosine's statistics
-    must be those of the clipped gradient (the reference clips g before everything), for 150 steps."""
-    hp = dict(ADAPTIVE, max_grad_norm=8.0)  # norms fall from 45 to ~6: clipped early, then only spikes
+def test_fused_clipping_in_kernel_matches_reference(adaptive_clip, rule):
+    """fused=True: the kernel multiplies g by the clip factor; the update and the adaptive rules'
+    statistics must be those of the clipped gradient (the reference clips g before everything), for 150
+    steps."""
+    hp = dict(RULES[rule], max_grad_norm=8.0)  # norms fall from 45 to ~6: clipped early, then only spikes
     init = make_params()
     params = [p.clone().requires_grad_() for p in init]
     opt = AdaptOpt(params, adaptive_clip=adaptive_clip, fused=True, **hp)
@@ -317,7 +340,8 @@ def test_non_finite_gradient_mid_run_leaves_params_and_state_untouched(impl):
             assert torch.equal(other, value) if torch.is_tensor(value) else other == value
 
 
-def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_single_tensor():
+@pytest.mark.parametrize("rule", RULES)
+def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_single_tensor(rule):
     """The compiled path updates tensors above functional._SMALL_NUMEL elements as they are, in calls of
     _CHUNK padded with dummies, and concatenates the smaller ones. Ten large tensors (two calls, the second
     padded) and small ones; two tensors miss their gradient on some steps, so tensors sit at different step
@@ -331,7 +355,7 @@ def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_s
     runs = {}
     for name, impl in {"compiled": dict(fused=True), "single": dict(foreach=False)}.items():
         params = [p.clone().requires_grad_() for p in init]
-        opt = AdaptOpt(params, **ADAPTIVE, **impl)
+        opt = AdaptOpt(params, **RULES[rule], **impl)
         grad_gen = torch.Generator().manual_seed(4)
         for t in range(12):
             for i, p in enumerate(params):

@@ -4,15 +4,18 @@ and the clipping norm are global, so the result equals the single-process run.""
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adaptopt import AdaptOpt
 
-HP = dict(lr=3e-2, betas=(0.9, 0.99), weight_decay=0.1, adaptive_lr=True, hypergrad_rate=0.2,
+HP = dict(lr=3e-2, betas=(0.9, 0.99), weight_decay=0.1, adaptive_lr="hypergradient", hypergrad_rate=0.2,
           lr_scale_bounds=(0.25, 4.0), adaptive_momentum=True, momentum_rate=0.5, max_grad_norm=2.0,
           adaptive_clip=True)
+# Mechanic, whose scale comes from sums over both shards
+RULES = {"hypergradient": HP, "mechanic": dict(HP, adaptive_lr="mechanic")}
 N, STEPS = 101, 60  # odd N: the shards differ in size
 
 
@@ -23,9 +26,9 @@ def gradients():
     return lambda theta, t: 3 * (theta - target) + noise[t]
 
 
-def single_process() -> torch.Tensor:
+def single_process(hp: dict) -> torch.Tensor:
     theta = torch.linspace(-1, 1, N, dtype=torch.float64).requires_grad_()
-    opt = AdaptOpt([theta], **HP)
+    opt = AdaptOpt([theta], **hp)
     grad = gradients()
     for t in range(STEPS):
         theta.grad = grad(theta.detach(), t)
@@ -33,7 +36,7 @@ def single_process() -> torch.Tensor:
     return theta.detach()
 
 
-def _worker(rank, store, out):
+def _worker(rank, store, out, hp):
     # a file rendezvous: a free TCP port picked in advance can be taken by another process meanwhile
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     full = torch.linspace(-1, 1, N, dtype=torch.float64)
@@ -44,7 +47,7 @@ def _worker(rank, store, out):
         dist.all_reduce(t)
         return t
 
-    opt = AdaptOpt([shard], reduce_fn=all_reduce, **HP)
+    opt = AdaptOpt([shard], reduce_fn=all_reduce, **hp)
     grad = gradients()
     for t in range(STEPS):
         # every rank computes the full gradient here (as data-parallel ranks agree after reduce-scatter)
@@ -78,20 +81,22 @@ def _all_gather(shard):
 
 
 
-def test_two_shards_with_all_reduce_match_one_process(tmp_path):
+@pytest.mark.parametrize("rule", RULES)
+def test_two_shards_with_all_reduce_match_one_process(tmp_path, rule):
     out = tmp_path / "sharded.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2, join=True)
-    torch.testing.assert_close(torch.load(out), single_process(), rtol=1e-10, atol=1e-12)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(out), RULES[rule]), nprocs=2, join=True)
+    torch.testing.assert_close(torch.load(out), single_process(RULES[rule]), rtol=1e-10, atol=1e-12)
 
 
-def test_without_reduce_the_shards_would_disagree():
+@pytest.mark.parametrize("rule", RULES)
+def test_without_reduce_the_shards_would_disagree(rule):
     """The check above can fail: a shard that reduces only its own statistics takes another path."""
     theta = torch.linspace(-1, 1, N, dtype=torch.float64)[:51].clone().requires_grad_()
-    opt = AdaptOpt([theta], **HP)
+    opt = AdaptOpt([theta], **RULES[rule])
     grad = gradients()
     full = torch.linspace(-1, 1, N, dtype=torch.float64)
     for t in range(STEPS):
         full[:51] = theta.detach()
         theta.grad = grad(full, t)[:51].clone()
         opt.step()
-    assert (theta.detach() - single_process()[:51]).abs().max() > 1e-6
+    assert (theta.detach() - single_process(RULES[rule])[:51]).abs().max() > 1e-6

@@ -28,11 +28,16 @@ def test_all_seven_names_present():
     ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3)),
     ("adam", torch.optim.Adam, dict(lr=2e-5)),
     ("adagrad", torch.optim.Adagrad, dict(lr=0.01)),
-    ("adaptopt", AdaptOpt, dict(lr=2e-5, betas=(0.9, 0.999))),
+    ("adaptopt", AdaptOpt, dict(lr=1e-4, betas=(0.9, 0.999), adaptive_lr="mechanic", scale_init=0.01)),
+    ("prodigy", None, dict(lr=1.0, weight_decay=0.01, safeguard_warmup=True, decouple=True)),
+    ("dadapt_adam", None, dict(lr=1.0, weight_decay=0.01, decouple=True)),
+    ("schedulefree_adamw", None, dict(lr=0.0025, weight_decay=0.01)),
 ])
 def test_papers_defaults(name, cls, expected):
     opt = build_optimizer(name, Tiny())
-    assert type(opt) is cls
+    from adaptopt.registry import optimizer_class
+
+    assert type(opt) is (cls or optimizer_class(name))  # the peers come from their own packages
     for key, value in expected.items():
         assert opt.param_groups[0][key] == value
 
@@ -57,7 +62,8 @@ def test_only_trainable_parameters_reach_the_optimizer():
 
 
 @pytest.mark.parametrize("name,kwargs,match", [
-    ("adamx", {}, r"Unknown optimizer 'adamx'; choose one of sgd, momentum, adagrad, rmsprop, adam, adamw, adaptopt"),
+    ("adamx", {}, r"Unknown optimizer 'adamx'; choose one of sgd, momentum, adagrad, rmsprop, adam, adamw, adaptopt, "
+                  r"prodigy, dadapt_adam, schedulefree_adamw"),
     ("adamw", dict(lr=-1.0), r"Invalid lr: -1.0 \(must be a number >= 0\)"),
     ("adam", dict(betas=(0.9, 1.5)), r"Invalid beta parameter at index 1: 1.5 \(must be in \[0, 1\)\)"),
     ("rmsprop", dict(eps=-1e-8), r"Invalid eps: -1e-08 \(must be a number > 0\)"),
@@ -69,15 +75,18 @@ def test_errors_name_value_and_range(name, kwargs, match):
         build_optimizer(name, Tiny(), **kwargs)
 
 
-@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw", "adaptopt"])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw", "adaptopt", "prodigy",
+                                  "dadapt_adam", "schedulefree_adamw"])
 def test_every_optimizer_reduces_a_convex_loss(name):
     """Logistic regression on separable data: convex, so every optimizer must lower the loss."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=gen)
     y = (x @ torch.randn(8, generator=gen) > 0).long()
     model = nn.Linear(8, 2)
-    lr = {"adam": 1e-2, "adamw": 1e-2, "adaptopt": 1e-2}.get(name)  # the BERT LRs are for fine-tuning
+    lr = {"adam": 1e-2, "adamw": 1e-2}.get(name)  # the BERT LRs are for fine-tuning; adaptopt and the peers set theirs
     opt = build_optimizer(name, model, lr=lr, max_grad_norm=1.0)
+    if hasattr(opt, "train"):  # Schedule-Free steps in train mode
+        opt.train()
     loss_fn = nn.CrossEntropyLoss()
     first = loss_fn(model(x), y).item()
     for _ in range(100):
@@ -94,7 +103,30 @@ def test_default_hyperparameters_are_the_registry_over_the_class_without_impleme
     adamw = default_hyperparameters("adamw")
     assert adamw["lr"] == 5e-5 and adamw["weight_decay"] == 0.01 and adamw["amsgrad"] is False  # registry, class
     assert not {"foreach", "fused", "capturable", "differentiable"} & set(adamw)
-    adaptopt = default_hyperparameters("AdaptOpt")
-    assert adaptopt["hypergrad_rate"] == 0.1 and adaptopt["lr"] == 2e-5 and "reduce_fn" not in adaptopt
+    adaptopt = default_hyperparameters("AdaptOpt")  # the class's own defaults: the registry repeats none
+    assert adaptopt["adaptive_lr"] == "mechanic" and adaptopt["lr"] == 1e-4 and "reduce_fn" not in adaptopt
+    assert adaptopt["max_grad_norm"] == 1.0 and adaptopt["hypergrad_rate"] == 0.1
     used = run_hyperparameters(build_optimizer("adaptopt", [torch.nn.Parameter(torch.ones(2))], lr=1e-3))
     assert used["lr"] == 1e-3 and used["hypergrad_rate"] == 0.1 and "lr_scale" not in used and "fused" not in used
+
+
+def test_clipping_is_the_same_whichever_way_adaptopt_is_built():
+    """AdaptOpt(params) and build_optimizer("adaptopt", ...) clip at the class's default (1.0); a baseline built
+    by name does not clip unless asked, as the torch class would not."""
+    model = Tiny()
+    assert AdaptOpt(model.parameters()).grad_clipper.max_norm == 1.0
+    assert build_optimizer("adaptopt", model).grad_clipper.max_norm == 1.0
+    assert not build_optimizer("adaptopt", model, max_grad_norm=None).grad_clipper.enabled
+    assert not hasattr(build_optimizer("adamw", model), "grad_clipper")
+    assert build_optimizer("adamw", model, max_grad_norm=0.5).grad_clipper.max_norm == 0.5
+
+
+def test_a_missing_peer_package_names_what_to_install(monkeypatch):
+    import sys
+
+    from adaptopt import registry
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import prodigyopt now raises ImportError
+    with pytest.raises(ValueError, match=r"comes from the prodigyopt package.*pip install 'adaptopt\[peers\]'"):
+        build_optimizer("prodigy", Tiny())
+    assert registry.optimizer_class("adamw") is torch.optim.AdamW

@@ -62,7 +62,7 @@ def test_schedule_errors(kwargs, match):
 
 def _model_and_opt(**kw):
     p = torch.nn.Parameter(torch.ones(2))
-    return p, AdaptOpt([p], lr=1.0, adaptive_lr=False, **kw)
+    return p, AdaptOpt([p], lr=1.0, adaptive_lr=None, **kw)
 
 
 def test_scheduler_follows_applied_updates_only():

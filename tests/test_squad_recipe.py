@@ -159,8 +159,12 @@ def test_v2_learns_to_answer_nothing_to_unanswerable_questions(squad_dir, tiny_b
     and results.json holds the official v2.0 figures of the answers in predictions.json."""
     small, impossible = v2_questions(squad_dir, tmp_path, 16, 8)
     out = tmp_path / "v2"
+    # The v2.0 mechanics are under test, not the default optimizer: memorising 24 questions in 120 updates of 2-3
+    # windows from a random tiny BERT. AdaptOpt's default learned scale ended there answering nothing to every
+    # question (HasAns F1 5); the hypergradient rule at a given 5e-3 learns both kinds, as measured below.
     launch("recipes/squad.py", common(tiny_bert, out, "--train_file", str(small), "--validation_file", str(small),
-                                      "--learning_rate", "5e-3", "--warmup_ratio", "0", "--num_train_epochs", "12"))
+                                      "--learning_rate", "5e-3", "--adaptive_lr", "hypergradient", "--warmup_ratio", "0",
+                                      "--num_train_epochs", "12"))
     r = results(out)
     assert r["task"] == "squad_v2.0" and r["null_score_diff_threshold"] == 0.0 and "exact" not in r
     assert (r["total"], r["HasAns_total"], r["NoAns_total"]) == (r["eval_samples"], r["eval_samples"] - 8, 8)

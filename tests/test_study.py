@@ -18,7 +18,6 @@ import pytest
 import yaml
 from scipy import stats as sps
 
-from adaptopt.registry import OPTIMIZERS
 from adaptopt.study import stats
 from adaptopt.study.config import FULL, StudyConfigError, load_study, to_flags
 from adaptopt.study.plots import PLOTS
@@ -146,7 +145,7 @@ def test_glue_study_expands_to_the_issue_grid(monkeypatch):
     for task in study.tasks:
         for opt in study.optimizers:  # every optimizer at the registry's (papers') default LR, every seed
             main = [r for r in runs if (r.task, r.optimizer, r.variant) == (task, opt, FULL)
-                    and r.learning_rate == OPTIMIZERS[opt][1]["lr"]]
+                    and r.learning_rate == study.default_lr(opt)]
             assert sorted(r.seed for r in main) == [1, 2, 3]
         for opt in ("adamw", "adaptopt"):
             lrs = sorted({r.learning_rate for r in runs if (r.task, r.optimizer, r.variant) == (task, opt, FULL)})
@@ -155,9 +154,11 @@ def test_glue_study_expands_to_the_issue_grid(monkeypatch):
                     and r.learning_rate == 2e-5}
         assert set(variants) == {FULL, "no_adaptive_lr", "no_adaptive_momentum", "no_clipping", "all_off"}
         args = lambda v: variants[v].recipe_args()  # noqa: E731
-        assert "--no_adaptive_lr" in args("no_adaptive_lr") and "--no_adaptive_momentum" not in args("no_adaptive_lr")
+        assert args("no_adaptive_lr")[-2:] == ["--adaptive_lr", "none"]  # the variant's flag wins over the pinned rule
+        assert "--no_adaptive_momentum" not in args("no_adaptive_lr")
         assert args("no_clipping")[args("no_clipping").index("--max_grad_norm") + 1] == "0"
-        assert {"--no_adaptive_lr", "--no_adaptive_momentum"} <= set(args("all_off"))
+        assert {"none", "--no_adaptive_momentum"} <= set(args("all_off"))
+        assert args(FULL)[args(FULL).index("--adaptive_lr") + 1] == "hypergradient"  # the papers' rule, pinned
         assert args(FULL)[args(FULL).index("--max_grad_norm") + 1] == "1.0"
     for r in runs:
         a = r.recipe_args()
@@ -192,7 +193,7 @@ def test_tiny_study_file_parses(monkeypatch):
     monkeypatch.setenv("GLUE_DIR", "/data/glue")
     study = load_study(REPO / "studies" / "tiny.yaml")
     assert len(study.runs()) == 10 and study.ablation == {
-        "all_off": {"no_adaptive_lr": True, "no_adaptive_momentum": True, "max_grad_norm": 0}}
+        "all_off": {"adaptive_lr": "none", "no_adaptive_momentum": True, "max_grad_norm": 0}}
 
 
 def _write(tmp_path, text: str) -> Path:
@@ -219,8 +220,8 @@ def test_bad_study_files_are_refused_with_the_reason(tmp_path, monkeypatch, text
 
 
 def test_yaml_1_1_exponents_and_flags():
-    assert to_flags({"max_length": 64, "no_adaptive_lr": True, "lora": False, "x": None, "m": [1, 2]}) == [
-        "--max_length", "64", "--no_adaptive_lr", "--m", "1", "2"]
+    assert to_flags({"max_length": 64, "no_adaptive_momentum": True, "lora": False, "x": None, "m": [1, 2]}) == [
+        "--max_length", "64", "--no_adaptive_momentum", "--m", "1", "2"]
 
 
 def test_threads_split_the_cores_between_parallel_runs():

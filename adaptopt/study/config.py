@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from ..registry import OPTIMIZERS
+from ..registry import OPTIMIZERS, default_hyperparameters
 
 # One CPU process, fp32, no compilation: how the project's tests and docs launch a recipe.
 DEFAULT_LAUNCHER = ("--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
@@ -99,7 +99,7 @@ class Study:
     def default_lr(self, optimizer: str) -> float:
         """The optimizer's LR in the main grid: the YAML's, else the registry's (the papers' default)."""
         lr = self.optimizers.get(optimizer, {}).get("learning_rate")
-        return float(lr) if lr is not None else float(OPTIMIZERS[optimizer][1]["lr"])
+        return float(lr) if lr is not None else float(default_hyperparameters(optimizer)["lr"])
 
     def primary_metric(self, task: str) -> str | None:
         if self.tasks[task].metric:
@@ -136,7 +136,7 @@ class Study:
 
 
 def to_flags(args: dict) -> list[str]:
-    """``{"max_length": 128, "no_adaptive_lr": True, "lora": False}`` -> ``--max_length 128 --no_adaptive_lr``."""
+    """``{"max_length": 128, "lora": True, "x": False}`` -> ``--max_length 128 --lora``."""
     out: list[str] = []
     for key, value in args.items():
         if value is None or value is False:
