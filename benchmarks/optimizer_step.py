@@ -11,8 +11,11 @@ that slow drift of the machine hits all of them alike; the table gives the media
 rounds after ``--warmup`` untimed rounds (the warmup also compiles the torch.compile-d kernels).
 
 Rows:
-- AdaptOpt with its defaults (adaptive LR, adaptive momentum, clipping at max_grad_norm=1.0) in each
-  implementation: single-tensor loop, torch._foreach_*, and fused (torch.compile-d single pass);
+- AdaptOpt with its defaults (the Mechanic learned LR scale, adaptive momentum, clipping at
+  max_grad_norm=1.0) in each implementation: single-tensor loop, torch._foreach_*, and fused
+  (torch.compile-d single pass);
+- AdaptOpt fused with the hypergradient LR rule (the default before Mechanic): the Mechanic kernel reads
+  one tensor more (the start x0) and reduces four more sums; the script prints the ratio of the two;
 - AdaptOpt fused with the adaptive parts on but no clipping (max_grad_norm=None): what clipping costs;
 - AdaptOpt fused with the adaptive parts and clipping off (the same math as AdamW);
 - torch.optim.AdamW(foreach=True), torch.optim.AdamW(fused=True);
@@ -47,6 +50,8 @@ from adaptopt import AdaptOpt  # noqa: E402
 
 HYPER = dict(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # AdaptOpt's defaults
 TARGET = "AdaptOpt fused, adaptive on"
+HYPERGRADIENT = "AdaptOpt fused, hypergradient rule"
+MECHANIC_OVERHEAD_TARGET = 1.10  # the Mechanic kernel may cost at most 10% more than the hypergradient one
 DEEPSPEED = "DeepSpeedCPUAdam"
 DEEPSPEED_CLIP = "DeepSpeedCPUAdam + clip_grad_norm_"
 FLOOR = "memory-bandwidth floor"
@@ -97,11 +102,12 @@ def optimizer_makers(skip_deepspeed: bool) -> dict:
         "AdaptOpt single-tensor, adaptive on": lambda ps: AdaptOpt(ps, foreach=False, **HYPER),
         "AdaptOpt foreach, adaptive on": lambda ps: AdaptOpt(ps, foreach=True, **HYPER),
         TARGET: lambda ps: AdaptOpt(ps, fused=True, **HYPER),
+        HYPERGRADIENT: lambda ps: AdaptOpt(ps, fused=True, adaptive_lr="hypergradient", **HYPER),
         # Diagnostics: the same step without clipping, and without the adaptive parts either.
         "AdaptOpt fused, adaptive on, no clip": lambda ps: AdaptOpt(
             ps, fused=True, max_grad_norm=None, **HYPER),
         "AdaptOpt fused, adaptive off": lambda ps: AdaptOpt(
-            ps, fused=True, adaptive_lr=False, adaptive_momentum=False, max_grad_norm=None, **HYPER),
+            ps, fused=True, adaptive_lr=None, adaptive_momentum=False, max_grad_norm=None, **HYPER),
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER),
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER),
     }
@@ -202,6 +208,10 @@ def main(argv=None) -> dict:
         "repeats": args.repeats, "warmup": args.warmup, "copy_bandwidth_GBps": copy_gbps,
         "add_bandwidth_GBps": add_gbps, "floor_ms_from_add": add_floor, "median_ms": median, "all_ms": times,
     }
+    mechanic = median[TARGET] / median[HYPERGRADIENT]
+    result.update(mechanic_over_hypergradient=mechanic)
+    print(f"AdaptOpt fused: Mechanic (default) / hypergradient rule = {mechanic:.3f}x "
+          f"(target <= {MECHANIC_OVERHEAD_TARGET:.2f}x: {'met' if mechanic <= MECHANIC_OVERHEAD_TARGET else 'NOT met'})")
     if ds:
         ratio = median[TARGET] / ds
         # DeepSpeed's step is a bandwidth-bound C++ loop: far above the floor, the timings measure
