@@ -15,6 +15,15 @@ from .schedules import SCHEDULES, Plateau, build_scheduler
 
 logger = logging.getLogger(__name__)
 
+# The optimizer hyperparameter each shared flag sets (optimizer_from_args). The optimizer study uses it to tell a
+# library default a run overrode by a flag from one it ran with (adaptopt/study/runner.py, same_run).
+FLAG_HYPERPARAMETERS = {
+    "learning_rate": "lr", "weight_decay": "weight_decay", "beta1": "betas", "beta2": "betas", "eps": "eps",
+    "momentum": "momentum", "adaptive_lr": "adaptive_lr", "scale_decay": "scale_decay", "scale_init": "scale_init",
+    "hypergrad_rate": "hypergrad_rate", "no_adaptive_momentum": "adaptive_momentum", "momentum_rate": "momentum_rate",
+    "max_grad_norm": "max_grad_norm", "adaptive_clip": "adaptive_clip",
+}
+
 
 def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimizer")

@@ -22,9 +22,7 @@ from adaptopt.study import stats
 from adaptopt.study.config import FULL, StudyConfigError, load_study, to_flags
 from adaptopt.study.plots import PLOTS
 from adaptopt.study.records import final_train_loss
-from adaptopt.study import runner as runner_module
-from adaptopt.study.runner import (CLAIM, SKIPPED, Runner, available_cores, claim_run, release_run,
-                                   run_dir, stderr_tail, threads_per_run)
+from adaptopt.study.runner import Runner, available_cores, check_unchanged, run_dir, stderr_tail, threads_per_run
 from conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -162,7 +160,8 @@ def test_glue_study_expands_to_the_issue_grid(monkeypatch):
         assert args(FULL)[args(FULL).index("--max_grad_norm") + 1] == "1.0"
     for r in runs:
         a = r.recipe_args()
-        assert a[a.index("--data_dir") + 1] == "/data/glue" and "--model_name_or_path" not in a  # default model
+        assert a[a.index("--data_dir") + 1] == "${GLUE_DIR}" and "--model_name_or_path" not in a  # default model
+        assert r.launch_args()[a.index("--data_dir") + 1] == "/data/glue"  # expanded only to launch
         assert ("--max_train_samples" in a) == (r.task == "sst2")
     assert study.primary_metric("mrpc") == "f1" and study.primary_metric("rte") == "accuracy"
     assert (study.candidate, study.baseline) == ("adaptopt", "adamw")
@@ -236,84 +235,79 @@ def test_stderr_tail_treats_progress_bar_rewrites_as_lines(tmp_path):
     assert stderr_tail(log, 3) == " 50%|#####\nTraceback\nValueError: bad"
 
 
-def test_runners_sharing_a_study_folder_never_run_the_same_run(tmp_path, monkeypatch):
-    """A run another live runner holds is skipped; a run finished after this runner listed it is skipped and
-    left as it is; a claim whose runner died on this host is taken over; nothing is launched here."""
-    import socket
+def test_shards_split_the_grid_by_index_and_slurm_arrays_pick_theirs(monkeypatch):
+    """N runners share a study without coordinating: shard i takes the runs whose index in the grid is i mod N,
+    whatever has finished; inside a SLURM job array the task id and count are the default."""
+    from adaptopt.study.__main__ import parse_shard, select
 
     monkeypatch.setenv("GLUE_DIR", "/data/glue")
-    study = load_study(REPO / "studies" / "tiny.yaml", tmp_path / "out")
-    spec = study.runs()[0]
-    out = run_dir(study, spec)
-    runner = Runner(study, log=lambda msg: None)
+    study = load_study(REPO / "studies" / "lr_free.yaml")
+    specs = study.runs()
+    parts = [select(study, specs, None, None, (i, 3)) for i in range(3)]
+    assert sorted(s.name for part in parts for s in part) == sorted(s.name for s in specs)  # each run in one shard
+    assert [s.name for s in parts[1]] == [s.name for s in specs[1::3]]
+    assert select(study, specs, ["mrpc"], None, (0, 2)) == [s for s in specs[0::2] if s.task == "mrpc"]
 
-    out.mkdir(parents=True)
-    (out / CLAIM).write_text(json.dumps(dict(host=socket.gethostname(), pid=os.getppid(), since="t")))
-    (outcome,) = runner.run([spec])
-    assert outcome.status == SKIPPED and f"held by runner pid {os.getppid()}" in outcome.error
-    assert not (out / "run.json").exists()  # not started
-    (out / CLAIM).write_text(json.dumps(dict(host="another-node", pid=1, since="t")))
-    assert "on another-node" in runner._run_one(spec).error  # another host's runner: honoured
+    def fail(message):
+        raise ValueError(message)
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (out / CLAIM).write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid, since="t")))
-    (out / "results.json").write_text("{}")  # finished by that runner before it died
-    outcome = runner._run_one(spec)
-    assert outcome.status == SKIPPED and outcome.error == "finished by another runner"
-    assert not (out / CLAIM).exists() and (out / "results.json").read_text() == "{}"
-
-    assert claim_run(out) is None and "runner pid" in claim_run(out)  # O_EXCL: one claim at a time
-    release_run(out)
-    assert claim_run(out) is None
+    assert parse_shard("1/4", {}, fail) == (1, 4) and parse_shard(None, {}, fail) is None
+    assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "2"},
+                       fail) == (1, 2)
+    for bad in ("4/4", "1", "a/b"):
+        with pytest.raises(ValueError, match="--shard must be I/N"):
+            parse_shard(bad, {}, fail)
 
 
-def test_claims_are_leases_that_a_running_run_keeps_alive(tmp_path, monkeypatch):
-    """Another host's claim is honoured while it is touched and taken over once it is LEASE_S old; so is a
-    claim its runner died writing. While a run goes, its runner touches the claim every HEARTBEAT_S, warns
-    if the claim was taken from it, and kills the run at the study's timeout."""
+def test_run_records_hold_no_machine_path_and_a_changed_default_refuses_the_run(monkeypatch):
+    """A run's identity is its arguments as the study file writes them (${GLUE_DIR} unexpanded) and the
+    library defaults it ran with, wherever no flag set the value: the committed records of studies/glue.yaml
+    count on a machine that keeps the data elsewhere, while a default changed since refuses a run."""
+    from adaptopt.study.runner import find_run, portable_command, read_run_info, same_run
+
+    monkeypatch.setenv("GLUE_DIR", "/somewhere/else/glue")
+    study = load_study(REPO / "studies" / "glue.yaml", REPO / "studies" / "results" / "glue")
+    specs = study.runs()
+    check_unchanged(study, specs)  # all 153 committed runs are today's runs
+    spec = next(s for s in specs if s.name == "mrpc-adaptopt-lr2e-05-seed1")
+    assert spec.launch_args()[spec.launch_args().index("--data_dir") + 1] == "/somewhere/else/glue"
+    info = read_run_info(find_run(study, spec))
+    assert "${GLUE_DIR}" in info["recipe_args"] and info["command"] == portable_command(study, spec, run_dir(study, spec))
+    assert not any(str(REPO) in a or "/work/" in a for a in info["command"])
+    assert same_run(spec, info) is None
+    # the run pinned --adaptive_lr hypergradient and --learning_rate: today's different defaults for those do not
+    # matter; a default no flag sets does
+    assert info["optimizer_defaults"]["adaptive_lr"] is True and info["optimizer_defaults"]["lr"] == 2e-5
+    changed = dict(info, optimizer_defaults=dict(info["optimizer_defaults"], momentum_rate=0.5))
+    assert "momentum_rate changed since it ran" in same_run(spec, changed)
+    assert "arguments differ" in same_run(spec, dict(info, recipe_args=info["recipe_args"][:-2]))
+
+
+def test_a_run_past_the_timeout_is_killed(tmp_path, monkeypatch):
     monkeypatch.setenv("GLUE_DIR", "/data/glue")
-    monkeypatch.setattr(runner_module, "HEARTBEAT_S", 0.2)
-    out = tmp_path / "run"
-    out.mkdir()
-    claim, old = out / CLAIM, time.time() - runner_module.LEASE_S - 60
-    claim.write_text(json.dumps(dict(host="another-node", pid=1, since="t")))
-    assert "on another-node" in claim_run(out)
-    os.utime(claim, (old, old))  # that node crashed a lease ago
-    assert claim_run(out) is None and json.loads(claim.read_text())["pid"] == os.getpid()
-    claim.write_text("")  # a runner died between creating its claim and writing it
-    assert "being written" in claim_run(out)
-    os.utime(claim, (old, old))
-    assert claim_run(out) is None
-
-    def second_taker(seconds):  # another runner found the same stale claim and deleted ours: it holds the run
-        claim.write_text(json.dumps(dict(host="another-node", pid=2, since="t")))
-    claim.write_text(json.dumps(dict(host="another-node", pid=1, since="t")))
-    os.utime(claim, (old, old))
-    monkeypatch.setattr(runner_module.time, "sleep", second_taker)
-    assert "at the same time" in claim_run(out)
-    monkeypatch.undo()
-    monkeypatch.setenv("GLUE_DIR", "/data/glue")
-    monkeypatch.setattr(runner_module, "HEARTBEAT_S", 0.2)
-    claim.unlink()
-    assert claim_run(out) is None
-
-    logged = []
-    runner = Runner(load_study(REPO / "studies" / "tiny.yaml", tmp_path / "study"), log=logged.append)
-    os.utime(claim, (old, old))
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"], start_new_session=True)
-    assert runner._wait(proc, out) == (0, False)
-    assert time.time() - claim.stat().st_mtime < 1.0 and not logged  # touched while the run went
-
-    claim.unlink()  # taken over (or deleted by hand) while the run goes: the runner says so, once
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"], start_new_session=True)
-    assert runner._wait(proc, out) == (0, False)
-    assert len(logged) == 1 and "claim was taken over or deleted" in logged[0] and not claim.exists()
-
-    runner.timeout = 0.5
+    runner = Runner(load_study(REPO / "studies" / "tiny.yaml", tmp_path / "study"), timeout=0.5, log=lambda m: None)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     start = time.monotonic()
-    assert runner._wait(proc, out) == (None, True) and time.monotonic() - start < 5 and proc.poll() is not None
+    assert runner._wait(proc, tmp_path) == (None, True) and time.monotonic() - start < 5 and proc.poll() is not None
+
+
+def test_a_study_reuses_the_finished_runs_of_another_with_the_same_arguments(monkeypatch, tmp_path):
+    """studies/lr_free.yaml reuses AdamW's MRPC and SST-2 runs of studies/glue.yaml (same protocol): they count as
+    finished and are read from there; a run of another protocol is not reused."""
+    from adaptopt.study.records import load_records
+    from adaptopt.study.runner import find_run
+
+    monkeypatch.setenv("GLUE_DIR", "/data/glue")
+    study = load_study(REPO / "studies" / "lr_free.yaml", tmp_path / "lr_free")
+    specs = study.runs()
+    reused = [s for s in specs if find_run(study, s) != run_dir(study, s)]
+    assert len(reused) == 24 and {(s.task, s.optimizer) for s in reused} == {("mrpc", "adamw"), ("sst2", "adamw")}
+    records = {r.spec.name: r for r in load_records(study, specs)}
+    assert records["mrpc-adamw-lr0.0001-seed1"].status == "finished" and records["stsb-adamw-lr0.0001-seed1"].status \
+        == "pending"
+    other = load_study(REPO / "studies" / "lr_free.yaml", tmp_path / "other")
+    other.args = dict(other.args, max_length=64)  # another protocol: the same names, other arguments
+    assert all(find_run(other, s) == run_dir(other, s) for s in other.runs())
 
 
 # -- a tiny study, run for real ----------------------------------------------------------------------
@@ -387,7 +381,6 @@ def test_study_runs_in_parallel_and_records_failed_runs(tiny_study):
         assert "--max_grad_norm must be >= 0" in info["stderr_tail"]
         assert info["error"].startswith("glue.py: error: --max_grad_norm must be >= 0")  # the cause, not accelerate's
         assert not (out / "runs" / name / "results.json").exists()
-    assert not list((out / "runs").glob(f"*/{CLAIM}"))  # every claim released
     for name in set(runs) - set(broken):
         assert infos[name]["status"] == "finished" and (out / "runs" / name / "results.json").is_file()
         if name != tiny_study["killed"].name:  # rerun later with --jobs 1
@@ -549,7 +542,7 @@ def test_an_edited_study_file_does_not_mix_with_old_runs(tiny_study, capsys):
     edited = tiny_study["root"] / "edited.yaml"
     edited.write_text(yaml.safe_dump(config, sort_keys=False))
     assert main(["--config", str(edited), "--output_dir", str(tiny_study["out"])]) == 2  # before running anything
-    assert "ran with other arguments than the study file now gives" in capsys.readouterr().err
+    assert "its arguments differ from the study file's" in capsys.readouterr().err
 
 
 def test_changed_library_defaults_do_not_mix_with_old_runs(tiny_study, capsys, monkeypatch):
@@ -570,7 +563,7 @@ def test_changed_library_defaults_do_not_mix_with_old_runs(tiny_study, capsys, m
     monkeypatch.setitem(registry.OPTIMIZERS, "adaptopt", (cls, dict(defaults, hypergrad_rate=0.5)))
     assert main(["--config", str(tiny_study["config_path"]), "--output_dir", str(out), "--report_only"]) == 2
     err = capsys.readouterr().err
-    assert "with other optimizer defaults than the library now has" in err and "mrpc-adaptopt-lr0.001-seed" in err
+    assert "the library's default hypergrad_rate changed since it ran" in err and "mrpc-adaptopt-lr0.001-seed" in err
     assert main(["--config", str(tiny_study["config_path"]), "--output_dir", str(out), "--plan"]) == 0
     assert "warning: " in capsys.readouterr().err  # the plan shows the grid, and says the run would stop
 
@@ -583,7 +576,8 @@ def test_verdict_is_bold_only_with_every_seed_on_both_sides():
     from adaptopt.study import report
     from adaptopt.study.stats import describe
 
-    study = SimpleNamespace(candidate="adaptopt", baseline="adamw", seeds=[1, 2, 3], default_lr=lambda name: 2e-5)
+    study = SimpleNamespace(candidate="adaptopt", baseline="adamw", seeds=[1, 2, 3], default_lr=lambda name: 2e-5,
+                            peers=[], margin=0.0)
 
     def verdict_row(cand, base):
         c = dict(candidate=describe(cand), baseline=describe(base), baseline_lr=5e-5,
@@ -594,3 +588,34 @@ def test_verdict_is_bold_only_with_every_seed_on_both_sides():
     assert verdict_row([0.854], [0.852]).endswith("| yes (preliminary: 1 vs 1 of 3 seeds) |")
     assert verdict_row([0.85, 0.86, 0.855], [0.85, 0.84]).endswith("| yes (preliminary: 3 vs 2 of 3 seeds) |")
     assert verdict_row([0.85, 0.86, 0.855], [0.85, 0.84, 0.845]).endswith("| **yes** |")
+
+
+def test_untuned_optimizers_are_judged_within_the_margin_and_the_lr_spread_is_reported():
+    """The LR-free study's tables: every optimizer run without an LR sweep against the baseline's best (a shortfall
+    within compare.margin counts as a match), closest first; and how far each swept optimizer's mean moves."""
+    from types import SimpleNamespace
+
+    from adaptopt.study import aggregate, report
+    from adaptopt.study.stats import describe
+
+    study = SimpleNamespace(baseline="adamw", peers=["prodigy"], margin=0.005, seeds=[1, 2])
+
+    def row(name, values, diff):
+        return dict(optimizer=name, candidate_lr=1.0, baseline_lr=1e-4, candidate=describe(values),
+                    baseline=describe([0.86, 0.858]), diff=diff, welch=None, matches_or_beats=diff >= 0,
+                    within_margin=diff >= -0.005)
+
+    verdicts = {"mrpc": dict(metric="f1", untuned=[row("prodigy", [0.81, 0.80], -0.054),
+                                                   row("adaptopt", [0.857, 0.856], -0.0025)])}
+    lines = report._untuned_table(study, verdicts)
+    table = [line for line in lines if line.startswith("| mrpc")]
+    assert table[0].startswith("| mrpc | adaptopt") and table[0].endswith("| **yes** |")  # 0.25 points short: within
+    assert table[1].startswith("| mrpc | prodigy") and table[1].endswith("| **no** |")
+    assert "within 0.005 of adamw's best?" in lines[2]
+
+    rows = [dict(learning_rate=lr, stats={"f1": describe(v)}) for lr, v in
+            ((1e-6, [0.84, 0.85]), (1e-5, [0.86, 0.862]), (1e-4, [0.861]))]
+    spread = aggregate._spread(rows, "f1")  # the 1-seed LR does not compete with the 2-seed ones
+    assert spread["lrs"] == [1e-6, 1e-5] and spread["low_lr"] == 1e-6 and spread["high_lr"] == 1e-5
+    assert spread["spread"] == pytest.approx(0.861 - 0.845)
+    assert aggregate._spread(rows[:1], "f1") is None

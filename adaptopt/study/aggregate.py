@@ -9,7 +9,9 @@ Which runs feed which table (all from the grid in config.py):
 - verdict: the candidate (AdaptOpt) at its study LR against the baseline (AdamW) at the swept LR
   with the best mean primary metric (among the LRs with the most finished seeds, see _best_lr). That LR
   is picked on the same dev set it is scored on, which flatters the baseline; the candidate gets no such
-  pick.
+  pick. The study's ``peers`` (optimizers a user would pick instead of sweeping) are judged the same way;
+- LR spread: for each swept optimizer, how far its mean moves across the LRs it was given (the cost of
+  not choosing its LR).
 
 The output is a plain dict (JSON-able): report.py and plots.py read it, summary.json stores it.
 """
@@ -85,6 +87,8 @@ def _task_summary(study: Study, task: str, records: list[RunRecord]) -> dict:
     summary["lr_sensitivity"] = {
         opt: [dict(learning_rate=lr, **_group(runs(opt, lr), metrics)) for lr in _lrs(study, opt)]
         for opt in study.lr_sweep}
+    summary["lr_spread"] = {opt: spread for opt in study.lr_sweep
+                            if (spread := _spread(summary["lr_sensitivity"][opt], primary))}
 
     if study.ablation:
         opt, lr = study.ablation_optimizer, study.default_lr(study.ablation_optimizer)
@@ -100,6 +104,18 @@ def _task_summary(study: Study, task: str, records: list[RunRecord]) -> dict:
         summary["verdict"] = _verdict(study, records, primary, runs)
     summary["curves"] = {opt: _curves(recs) for opt, recs in main.items()}
     return summary
+
+
+def _spread(rows: list[dict], metric: str) -> dict | None:
+    """Lowest and highest mean over the LRs of one optimizer, among the LRs with the most finished seeds (as
+    _best_lr compares them); None with fewer than two such LRs."""
+    most = max((r["stats"][metric]["n"] for r in rows), default=0)
+    means = {r["learning_rate"]: r["stats"][metric]["mean"] for r in rows if most and r["stats"][metric]["n"] == most}
+    if len(means) < 2:
+        return None
+    low, high = min(means, key=means.get), max(means, key=means.get)
+    return dict(seeds=most, lrs=sorted(means), low_lr=low, low=means[low], high_lr=high, high=means[high],
+                spread=means[high] - means[low])
 
 
 def _lrs(study: Study, optimizer: str) -> list[float]:
@@ -129,22 +145,24 @@ def _verdict(study: Study, records, metric: str, runs) -> dict:
     base_lr = _best_lr(study, base, metric, runs)
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
 
-    def compare(cand_lr, base_lr=base_lr):
+    def compare(cand_lr, base_lr=base_lr, cand=cand):
         if cand_lr is None or base_lr is None:
             return None
         a, b = _values(runs(cand, cand_lr), metric), _values(runs(base, base_lr), metric)
         if not a or not b:
             return None
         diff = float(np.mean(a) - np.mean(b))
-        return dict(candidate_lr=cand_lr, baseline_lr=base_lr, candidate=stats.describe(a),
+        return dict(optimizer=cand, candidate_lr=cand_lr, baseline_lr=base_lr, candidate=stats.describe(a),
                     baseline=stats.describe(b), diff=diff, matches_or_beats=sign * diff >= 0,
-                    welch=stats.welch(a, b))
+                    within_margin=sign * diff >= -study.margin, welch=stats.welch(a, b))
 
-    return dict(metric=metric, candidate=cand, baseline=base, baseline_lrs=_lrs(study, base),
+    untuned = [c for opt in [cand, *study.peers] if (c := compare(study.default_lr(opt), cand=opt))]
+    return dict(metric=metric, candidate=cand, baseline=base, baseline_lrs=_lrs(study, base), margin=study.margin,
+                untuned=untuned,
                 at_default=compare(study.default_lr(cand)),
                 at_best=compare(_best_lr(study, cand, metric, runs)) if cand in study.lr_sweep else None,
                 at_same_lr=[c for lr in sorted(set(_lrs(study, cand)) & set(_lrs(study, base)))
-                            if (c := compare(lr, lr))])
+                            if study.same_lr and (c := compare(lr, lr))])
 
 
 def _curves(records: list[RunRecord]) -> dict | None:

@@ -14,10 +14,17 @@ and ``seeds`` are required::
     ablation: {optimizer: adaptopt, variants: {no_clipping: {max_grad_norm: 0}}}
     compare: {candidate: adaptopt, baseline: adamw}   # the verdict: candidate at its default LR
                                                       # against baseline at its best swept LR
+    #          peers: [prodigy]                         optional: more optimizers judged like the candidate
+    #          margin: 0.005                            optional: a shortfall this small still counts as a match
+    #          same_lr: false                           optional: no "both at the same LR" table (when the
+    #                                                   candidate's lr means something else, e.g. a start)
+    reuse: [studies/results/glue]    # other studies' folders whose finished runs of the same arguments count
 
 Recipe flags are written as YAML: ``key: value`` becomes ``--key value``, ``key: true`` becomes
 ``--key``, ``false``/``null`` drops the flag. Later layers win: shared ``args`` < task ``args`` <
-optimizer flags < ablation variant. ``${VAR}`` in a string is the environment variable.
+optimizer flags < ablation variant. ``${VAR}`` in a string is the environment variable: it must be set,
+and it is expanded only when a run is launched, so a run's recorded arguments say ``${GLUE_DIR}`` and
+stay the same run on a machine that keeps the data elsewhere.
 
 Every run gets an explicit ``--learning_rate``: the optimizer's own from the YAML, else the registry
 default (the papers' values, ``adaptopt.registry.OPTIMIZERS``). That makes a run's name and
@@ -41,7 +48,7 @@ FULL = "full"  # the ablation name of a run with all of the optimizer's parts on
 # Flags the study sets per run; a YAML that sets them would silently fight the grid.
 SET_BY_STUDY = ("task_name", "optimizer", "seed", "learning_rate", "output_dir")
 TOP_KEYS = ("description", "recipe", "output_dir", "launcher", "seeds", "args", "tasks", "optimizers",
-            "lr_sweep", "ablation", "compare")
+            "lr_sweep", "ablation", "compare", "reuse")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")  # names that become folder names
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,9 +74,14 @@ class RunSpec:
         return f"{self.task}-{self.optimizer}{variant}-lr{self.learning_rate!r}-seed{self.seed}"
 
     def recipe_args(self) -> list[str]:
-        """The recipe's arguments, without --output_dir (the runner adds it: it depends on where the study is)."""
+        """The recipe's arguments as the study file writes them (``${VAR}`` not expanded): what identifies the
+        run. Without --output_dir (the runner adds it: it depends on where the study is)."""
         return ["--task_name", self.task, "--optimizer", self.optimizer, "--seed", str(self.seed),
                 "--learning_rate", repr(self.learning_rate), *self.flags]
+
+    def launch_args(self) -> list[str]:
+        """``recipe_args`` with the environment variables expanded: what the recipe is started with."""
+        return [os.path.expandvars(a) for a in self.recipe_args()]
 
 
 @dataclass
@@ -95,6 +107,10 @@ class Study:
     candidate: str | None
     baseline: str | None
     description: str = ""
+    peers: list[str] = field(default_factory=list)  # judged against the baseline like the candidate
+    reuse: list[Path] = field(default_factory=list)  # other study folders whose finished runs count here
+    margin: float = 0.0  # a candidate this close below the baseline's best still matches it
+    same_lr: bool = True  # compare candidate and baseline at each LR both ran at (their lr means the same thing)
 
     def default_lr(self, optimizer: str) -> float:
         """The optimizer's LR in the main grid: the YAML's, else the registry's (the papers' default)."""
@@ -184,19 +200,29 @@ def load_study(path: str | os.PathLike, output_dir: str | os.PathLike | None = N
     ablation_opt, variants = _ablation(raw.get("ablation"), where)
 
     compare = raw.get("compare") or {}
-    _expect(isinstance(compare, dict) and set(compare) <= {"candidate", "baseline"},
-            f"{where}: compare must be a mapping with 'candidate' and 'baseline'")
+    _expect(isinstance(compare, dict) and set(compare) <= {"candidate", "baseline", "peers", "margin", "same_lr"},
+            f"{where}: compare must be a mapping with 'candidate', 'baseline' and optionally 'peers', 'margin', "
+            "'same_lr'")
+    margin = compare.get("margin", 0.0)
+    _expect(isinstance(margin, (int, float)) and not isinstance(margin, bool) and margin >= 0,
+            f"{where}: compare.margin must be a number >= 0 (a shortfall that small counts as a match), got {margin!r}")
     in_grid = set(optimizers) | set(lr_sweep)
     candidate = compare.get("candidate", "adaptopt" if "adaptopt" in in_grid else None)
     baseline = compare.get("baseline", "adamw" if "adamw" in in_grid else None)
-    for role, name in (("candidate", candidate), ("baseline", baseline)):
+    peers = compare.get("peers") or []
+    _expect(isinstance(peers, list), f"{where}: compare.peers must be a list of optimizer names")
+    for role, name in (("candidate", candidate), ("baseline", baseline), *(("peers", n) for n in peers)):
         _expect(name is None or name in in_grid,
                 f"{where}: compare.{role} {name!r} is not among the optimizers or the lr_sweep")
+    reuse = raw.get("reuse") or []
+    _expect(isinstance(reuse, list), f"{where}: reuse must be a list of study folders")
+    reuse = [_resolve_dir(_expand(r, f"{where}: reuse")) for r in reuse]
 
     study = Study(config_path=path, text=text, recipe=recipe, output_dir=out, launcher=[str(a) for a in launcher],
                   seeds=list(seeds), args=args, tasks=tasks, optimizers=optimizers, lr_sweep=lr_sweep,
                   ablation_optimizer=ablation_opt, ablation=variants, candidate=candidate, baseline=baseline,
-                  description=str(raw.get("description", "")).strip())
+                  description=str(raw.get("description", "")).strip(), peers=list(peers), reuse=reuse,
+                  margin=float(margin), same_lr=bool(compare.get("same_lr", True)))
     if recipe.name == "glue.py":  # a misspelt task would otherwise fail every one of its runs, one by one
         from ..data.glue import GLUE_TASKS
 
@@ -217,6 +243,12 @@ def _expand(value, where: str) -> str:
     return value
 
 
+def _resolve_dir(path: str) -> Path:
+    """A folder named in the study file: relative to the working directory if it exists there, else to the
+    repository (as the recipe is), so `studies/results/glue` works from anywhere."""
+    return Path(path) if Path(path).exists() or Path(path).is_absolute() else REPO / path
+
+
 def _resolve_recipe(recipe: str, where: str) -> Path:
     """Relative to the working directory, else to the repository (so `recipes/glue.py` works from anywhere)."""
     for candidate in (Path(recipe), REPO / recipe):
@@ -232,7 +264,10 @@ def _recipe_args(args, where: str) -> dict:
     clash = [k for k in args if k in SET_BY_STUDY]
     _expect(not clash, f"{where}: {clash} are set by the study per run (use optimizers: {{name: {{learning_rate: "
                        f"...}}}} for an optimizer's LR, lr_sweep for more LRs, seeds for seeds)")
-    return {k: _expand(v, f"{where}.{k}") if isinstance(v, str) else v for k, v in args.items()}
+    for k, v in args.items():  # an unset variable is an error now, not at the first launch; the value keeps ${VAR}
+        if isinstance(v, str):
+            _expand(v, f"{where}.{k}")
+    return dict(args)
 
 
 def _tasks(raw, where: str) -> dict[str, TaskSpec]:

@@ -3,7 +3,8 @@
     loss_curves.png     training loss per logged update, mean over seeds (band: +- 1 std)
     lr_schedule.png     the LR each optimizer actually applied (AdaptOpt: schedule x adaptive scale), log scale
     metric_bars.png     primary dev metric per optimizer, mean with 95% CI, each seed as a dot
-    lr_sensitivity.png  primary dev metric vs learning rate for the swept optimizers, mean with 95% CI
+    lr_sensitivity.png  primary dev metric vs learning rate for the swept optimizers, mean with 95% CI; the
+                        study's peers (run without an LR of their own) as dashed lines with their 95% CI
     ablation.png        primary dev metric per ablation variant, mean with 95% CI
 
 A figure whose data is absent (no sweep, no ablation, no finished run) is not written; write_plots
@@ -65,7 +66,8 @@ def write_plots(summary: dict, out_dir: Path) -> dict[str, Path]:
     if not tasks:
         return {}
     optimizers = [row["optimizer"] for row in summary["tasks"][tasks[0]]["optimizers"]]
-    colors = _colors(optimizers + sorted({o for t in tasks for o in summary["tasks"][t]["lr_sensitivity"]}))
+    swept = {o for t in tasks for o in summary["tasks"][t]["lr_sensitivity"]}
+    colors = _colors(optimizers + sorted(swept - set(optimizers)))
     written = {}
     for name, draw in (("loss_curves", _loss_curves), ("lr_schedule", _lr_schedule), ("metric_bars", _metric_bars),
                        ("lr_sensitivity", _lr_sensitivity), ("ablation", _ablation)):
@@ -153,7 +155,13 @@ def _lr_sensitivity(task: dict, ax, colors, title: str) -> bool:
                         yerr=[_finite(r["stats"][metric]["ci95"]) for r in rows], marker="o", capsize=3,
                         label=opt, color=colors[opt])
             drawn = True
-    ax.set(title=f"{title}: {metric} vs learning rate", xlabel="learning rate", ylabel=f"{metric} (mean, 95% CI)")
+    for peer in (task.get("verdict") or {}).get("untuned") or []:
+        if drawn and peer["optimizer"] not in task["lr_sensitivity"]:
+            mean, ci = peer["candidate"]["mean"], _finite(peer["candidate"]["ci95"])
+            color = colors.get(peer["optimizer"], "0.3")
+            ax.axhline(mean, color=color, linestyle="--", lw=1.4, label=f"{peer['optimizer']} (no LR)")
+            ax.axhspan(mean - ci, mean + ci, color=color, alpha=0.08)
+    ax.set(title=f"{title}: {metric} vs learning rate", xlabel="learning rate given", ylabel=f"{metric} (mean, 95% CI)")
     if drawn:
         ax.set_xscale("log")
         # Ticks at the swept LRs only, written as the study file writes them (matplotlib's own log ticks

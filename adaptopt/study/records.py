@@ -7,12 +7,11 @@ from functools import cached_property
 from pathlib import Path
 
 from .config import RunSpec, Study
-from .runner import FINISHED, read_run_info, run_dir, run_status
+from .runner import FINISHED, find_run, read_run_info, run_status
 
 # The train loss the study compares: the last epoch's mean, computed from each run's train_log.jsonl
-# (final_train_loss below). Runs made before 2026-12-01 have in results.json's train_loss only the mean over
-# the last logging window, which at the end of a run can be one update on the epoch's short last batch
-# (SST-2's 5,000-example subsample: 8 examples); the log gives old and new runs the same figure.
+# (final_train_loss below), the same figure for every run whatever its results.json holds (a recipe may report
+# the mean over the last logging window, which can be one update on the epoch's short last batch).
 FINAL_TRAIN_LOSS = "final_train_loss"
 
 
@@ -64,7 +63,7 @@ def final_train_loss(train: dict[int, dict], evals: dict[int, dict]) -> float | 
 def load_records(study: Study, specs: list[RunSpec]) -> list[RunRecord]:
     records = []
     for spec in specs:
-        directory = run_dir(study, spec)
+        directory = find_run(study, spec)  # this study's folder, or a reused study's
         status = run_status(directory)
         results = json.loads((directory / "results.json").read_text()) if status == FINISHED else None
         records.append(RunRecord(spec, directory, status, results, read_run_info(directory)))

@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import Study
 from .files import write_atomically
 from .records import FINAL_TRAIN_LOSS
+from .runner import portable_path
 
 ALPHA = 0.05
 
@@ -82,7 +83,7 @@ def write_report(study: Study, summary: dict, plots: dict[str, Path], path: Path
                         [[f["name"], f["returncode"], f"`{(f['error'] or '').strip()[:200]}`"]
                          for f in summary["failed"]])
     lines += _method_section()
-    lines += ["## Study file", "", f"`{study.config_path}`:", "", "```yaml", study.text.rstrip(), "```", ""]
+    lines += ["## Study file", "", f"`{portable_path(study.config_path)}`:", "", "```yaml", study.text.rstrip(), "```", ""]
     return write_atomically(path, "\n".join(lines))
 
 
@@ -108,6 +109,7 @@ def _verdict_section(study: Study, summary: dict) -> list[str]:
     lines += _table(["task", "metric", f"{base} best LR", f"{cand} (default LR)", base, "difference", "Welch p",
                      "matches or beats?"], rows)
     lines += [f"- {s}" for s in sentences] + [""]
+    lines += _untuned_table(study, verdicts)
     best = {t: v["at_best"] for t, v in verdicts.items() if v.get("at_best")}
     if best:
         lines += ["Both at their best swept LR (each picked on the dev set):", ""]
@@ -123,6 +125,26 @@ def _verdict_section(study: Study, summary: dict) -> list[str]:
         lines += _table(["task", "lr", cand, base, "difference", "Welch p"],
                         [[t, f"{c['candidate_lr']:g}", *_pair_cells(c, verdicts[t]["metric"])] for t, c in same])
     return lines
+
+
+def _untuned_table(study: Study, verdicts: dict) -> list[str]:
+    """The candidate and each peer at its study setting (no LR chosen on the dev set) against the baseline at
+    its best swept LR, closest first."""
+    if not study.peers:
+        return []
+    base, margin = study.baseline, study.margin
+    judge = (f"within {margin:g} of {base}'s best?" if margin else f"matches or beats {base}'s best?")
+    lines = [f"Every optimizer as a user would run it without an LR sweep (its study setting: AdaptOpt at its "
+             f"defaults, the peers at their authors' recommended settings) against {base} at its best swept LR"
+             + (f"; a shortfall of at most {margin:g} counts as a match" if margin else "") + ":", ""]
+    rows = []
+    for task, v in verdicts.items():
+        for c in sorted(v.get("untuned") or [], key=lambda c: abs(c["diff"])):
+            ok = c["within_margin"] if margin else c["matches_or_beats"]
+            rows.append([task, c["optimizer"], f"{c['candidate_lr']:g}", f"{c['baseline_lr']:g}",
+                         *_pair_cells(c, v["metric"]), _verdict_cell(dict(c, matches_or_beats=ok), len(study.seeds))])
+    return lines + _table(["task", "optimizer", "its lr", f"{base} best LR", "mean", base, "difference", "Welch p",
+                           judge], rows)
 
 
 def _pair_cells(c: dict, metric: str) -> list[str]:
@@ -206,8 +228,21 @@ def _sweep_section(summary: dict, plots: dict[str, str]) -> list[str]:
                 for opt, rs in s["lr_sensitivity"].items() for r in rs]
         lines += [f"### {task}", ""] + _table(["optimizer", "lr", "seeds", primary, _metric_label(FINAL_TRAIN_LOSS)],
                                               rows)
+    spreads = [(task, opt, sp) for task, s in summary["tasks"].items() for opt, sp in s.get("lr_spread", {}).items()]
+    if spreads:
+        lines += ["How far each swept optimizer's mean moves across the learning rates it was given (the LRs with "
+                  "the most finished seeds): what choosing its LR is worth, or costs, on these tasks.", ""]
+        lines += _table(["task", "optimizer", "LRs (seeds)", "lowest mean (LR)", "highest mean (LR)", "spread"],
+                        [[task, opt, f"{', '.join(f'{lr:g}' for lr in sp['lrs'])} ({sp['seeds']})",
+                          f"{sp['low']:.4f} ({sp['low_lr']:g})", f"{sp['high']:.4f} ({sp['high_lr']:g})",
+                          f"{sp['spread']:.4f}"] for task, opt, sp in spreads])
     if "lr_sensitivity" in plots:
         lines += [f"![lr sensitivity]({plots['lr_sensitivity']})", ""]
+        unswept = {c["optimizer"] for s in summary["tasks"].values() for c in (s.get("verdict") or {}).get("untuned", [])
+                   if c["optimizer"] not in s["lr_sensitivity"]}
+        if unswept:
+            lines += [f"Dashed lines: {', '.join(sorted(unswept))}, run without an LR of their own (mean; band: 95% CI).",
+                      ""]
     return lines
 
 
@@ -257,7 +292,5 @@ def _method_section() -> list[str]:
             "- Every optimizer runs its fast implementation (the recipes' `--optimizer_impl auto`): AdaptOpt's "
             "compiled update, torch's fused kernels for adam, adamw, sgd, momentum and adagrad, foreach for rmsprop "
             "(torch has no fused one). AdaptOpt's one-time compilation (or cache load) is not in its train time: "
-            "the recipe's check that the compiler works does it before the loop. Runs made before 2026-11-30 14:00 "
-            "compiled on their first update instead, so their train time includes it (17-22 s of a "
-            "15-30 min run, on the AMD machine with one thread).",
+            "the recipe's check that the compiler works does it before the loop.",
             "- The seed sets weight init of the classifier head, data order, dropout and any training subsample.", ""]

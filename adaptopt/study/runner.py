@@ -1,18 +1,19 @@
 """Runs a study's grid through the real recipe: one `accelerate launch` subprocess per run, N at a time.
 
 Each run lives in ``<study>/runs/<run name>/``. The recipe writes results.json and train_log.jsonl
-there; the runner writes run.json (command, threads, status, return code, wall time, attempts),
-stdout.log and stderr.log. A run is finished when its results.json exists: the next invocation skips
-it, so a study stopped at any point resumes where it was. A run that exits non-zero (or exits 0
-without results.json, or times out) is recorded as failed, with the tail of its stderr in run.json,
-and the other runs go on.
+there; the runner writes run.json (the run's arguments as the study file writes them, the optimizer
+defaults of the library it ran with, threads, status, return code, wall time, attempts), stdout.log and
+stderr.log. A run is finished when its results.json exists: the next invocation skips it, so a study
+stopped at any point resumes where it was. A run that exits non-zero (or exits 0 without results.json,
+or times out) is recorded as failed, with the tail of its stderr in run.json, and the other runs go on.
 
-Several runners may share one study folder (one per core or per machine, e.g. SLURM jobs on a shared
-file system): a runner claims a run before starting it (``runs/<run>/claim.json``, created atomically)
-and skips a run that another live runner holds or that finished since it made its list. A claim is a
-lease: its runner touches it every HEARTBEAT_S while the run goes. A claim whose runner died on this host is
-taken over at once; one from another host (whose processes cannot be checked from here) once it has not been
-touched for LEASE_S, so a node that crashed or a job killed with SIGKILL holds its run for minutes, not forever.
+run.json holds no path of the machine that ran it (``${GLUE_DIR}`` stays as written, the recipe and the
+run folder are relative to the repository), so a study folder committed on one machine resumes on
+another. A study may also ``reuse`` other study folders: a run finished there with the same arguments
+and defaults counts as done here and is read from there.
+
+Several runners (cores, machines, a SLURM job array) share a study by splitting its grid, not by
+coordinating: ``--shard i/N`` runs the runs whose index in the grid is i modulo N (__main__.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,16 +31,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from ..cli import FLAG_HYPERPARAMETERS
 from ..registry import default_hyperparameters
-from .config import RunSpec, Study, StudyConfigError
+from .config import REPO, RunSpec, Study, StudyConfigError
 from .files import write_atomically
 
 FINISHED, FAILED, PENDING = "finished", "failed", "pending"
-SKIPPED = "skipped"  # held by another runner, or finished by one since this runner made its list
-CLAIM = "claim.json"
-HEARTBEAT_S = 60.0  # a runner touches its claim this often while its run goes
-TAKEOVER_SETTLE_S = 1.0  # after taking a stale claim over: time for a concurrent taker's delete to show
-LEASE_S = 900.0  # another host's claim untouched this long is stale: 15 heartbeats missed, file-system clocks apart
 ERROR_TAIL_LINES = 30
 _ERROR = re.compile(r"(^|\s|: )(error:|[A-Za-z_.]*(Error|Exception|Interrupt)\b)")
 
@@ -55,7 +51,21 @@ class Outcome:
 
 
 def run_dir(study: Study, spec: RunSpec) -> Path:
+    """Where this study runs ``spec`` (and writes its files)."""
     return study.output_dir / "runs" / spec.name
+
+
+def find_run(study: Study, spec: RunSpec) -> Path:
+    """The folder that holds ``spec``'s results: this study's own, or a ``reuse`` study's where the same run
+    finished with the same arguments and defaults (``same_run``), else this study's own (not run yet)."""
+    own = run_dir(study, spec)
+    if run_status(own) == FINISHED:
+        return own
+    for other in study.reuse:
+        candidate = other / "runs" / spec.name
+        if run_status(candidate) == FINISHED and same_run(spec, read_run_info(candidate)) is None:
+            return candidate
+    return own
 
 
 def read_run_info(directory: Path) -> dict | None:
@@ -73,89 +83,25 @@ def run_status(directory: Path) -> str:
     return FAILED if info and info.get("status") == FAILED else PENDING
 
 
-def claim_run(directory: Path) -> str | None:
-    """Claims the run in ``directory`` for this process. None when claimed; otherwise who holds it.
-
-    The claim is a file created with O_EXCL, so two runners on one file system cannot both get it. A
-    stale claim (``_stale``: its runner died) is deleted and claimed anew. Two runners may find the same
-    stale claim, and the second one's delete may remove the first one's new claim, so after a takeover a
-    runner waits a moment and keeps the run only if the claim on disk is still its own."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CLAIM
-    mine = dict(host=socket.gethostname(), pid=os.getpid(),
-                since=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    took_over = False
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                held = json.loads(path.read_text())
-            except FileNotFoundError:  # released meanwhile: try again
-                continue
-            except json.JSONDecodeError:  # being written right now, or its runner died while writing it
-                held = {}
-            if not _stale(held, path):
-                return (f"runner pid {held.get('pid')} on {held.get('host')} since {held.get('since')}" if held
-                        else "another runner (its claim is being written)")
-            path.unlink(missing_ok=True)
-            took_over = True
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine, f)
-        if took_over:
-            time.sleep(TAKEOVER_SETTLE_S)
-            if not _is_mine(path):
-                return "another runner (it took the stale claim over at the same time)"
-        return None
-    return "another runner (the claim changed hands while this runner tried to take it)"
-
-
-def _is_mine(path: Path) -> bool:
-    try:
-        held = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()
-
-
-def release_run(directory: Path) -> None:
-    path = directory / CLAIM
-    if _is_mine(path):
-        path.unlink(missing_ok=True)
-
-
-def refresh_claim(directory: Path) -> bool:
-    """Touches this process's claim (the lease's heartbeat). False if the claim is not ours any more: it
-    was taken over as stale (this runner was stopped for longer than LEASE_S) or deleted by hand."""
-    path = directory / CLAIM
-    if not _is_mine(path):
-        return False
-    os.utime(path)
-    return True
-
-
-def _stale(claim: dict, path: Path) -> bool:
-    """A claim of this host: its process is gone. Another host's claim (its processes cannot be checked from
-    here), or one that cannot be read (its runner died while writing it): not touched for LEASE_S."""
-    if claim.get("host") == socket.gethostname():
-        try:
-            os.kill(int(claim["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, TypeError, ValueError):
-            return False
-        return False
-    try:
-        return time.time() - path.stat().st_mtime > LEASE_S
-    except FileNotFoundError:
-        return False  # released meanwhile: the next O_EXCL attempt decides
-
-
 def launch_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
     """The exact command of one run: what `accelerate launch <launcher> <recipe> <args>` runs."""
     return [sys.executable, "-m", "accelerate.commands.launch", *study.launcher, str(study.recipe),
-            *spec.recipe_args(), "--output_dir", str(out)]
+            *spec.launch_args(), "--output_dir", str(out)]
+
+
+def portable_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
+    """``launch_command`` as run.json and the report show it: no path of this machine (``${GLUE_DIR}`` as the
+    study file writes it, the recipe and the run folder relative to the repository when they are inside it)."""
+    return ["python", "-m", "accelerate.commands.launch", *study.launcher, portable_path(study.recipe),
+            *spec.recipe_args(), "--output_dir", portable_path(out)]
+
+
+def portable_path(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (as reports and run.json show paths)."""
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:  # a study kept outside the repository
+        return str(path)
 
 
 def available_cores() -> int:
@@ -182,24 +128,39 @@ def optimizer_defaults(name: str) -> dict:
     return json.loads(json.dumps(default_hyperparameters(name)))
 
 
+def same_run(spec: RunSpec, info: dict | None, defaults: dict | None = None) -> str | None:
+    """None if a finished run's run.json says it is ``spec`` as the library would run it today; otherwise what
+    differs. Its arguments must be the study file's, and the library defaults it ran with must be today's
+    wherever none of its flags set the value: a default changed since (AdaptOpt's LR rule, say) refuses the
+    run, while a default a flag overrode, or one the library did not have yet, cannot have changed it."""
+    if info is None:
+        return "no run.json"
+    if info.get("recipe_args") != spec.recipe_args():
+        return "its arguments differ from the study file's"
+    set_by_flags = {FLAG_HYPERPARAMETERS[a[2:]] for a in spec.recipe_args() if a[2:] in FLAG_HYPERPARAMETERS}
+    recorded = info.get("optimizer_defaults") or {}
+    today = defaults if defaults is not None else optimizer_defaults(spec.optimizer)
+    changed = sorted(k for k, v in recorded.items() if k not in set_by_flags and k in today and today[k] != v)
+    return f"the library's default {', '.join(changed)} changed since it ran" if changed else None
+
+
 def check_unchanged(study: Study, specs: list[RunSpec]) -> None:
-    """Refuses to mix results of an edited study file or of changed library defaults: a finished run must
-    have run with today's arguments and today's optimizer defaults (the flags a study does not set)."""
+    """Refuses to mix results of an edited study file or of changed library defaults (``same_run``)."""
     changed, defaults = [], {}
     for spec in specs:
         directory = run_dir(study, spec)
-        info = read_run_info(directory)
-        if run_status(directory) != FINISHED or not info:
+        if run_status(directory) != FINISHED:
             continue
         if spec.optimizer not in defaults:
             defaults[spec.optimizer] = optimizer_defaults(spec.optimizer)
-        if info.get("recipe_args") != spec.recipe_args() or info.get("optimizer_defaults") != defaults[spec.optimizer]:
-            changed.append(spec.name)
+        why = same_run(spec, read_run_info(directory), defaults[spec.optimizer])
+        if why:
+            changed.append(f"{spec.name} ({why})")
     if changed:
         raise StudyConfigError(
-            f"{len(changed)} finished run(s) in {study.output_dir} ran with other arguments than the study file now "
-            f"gives, or with other optimizer defaults than the library now has (e.g. {', '.join(changed[:3])}; "
-            "compare their run.json): use a new --output_dir, or delete those run folders to redo them")
+            f"{len(changed)} finished run(s) in {study.output_dir} are not what the study file and the library "
+            f"would run today: {'; '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}. Compare their run.json; "
+            "use a new --output_dir, or delete those run folders to redo them")
 
 
 def stderr_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
@@ -242,7 +203,7 @@ class Runner:
     def pending(self, specs: list[RunSpec], retry_failed: bool = True) -> list[RunSpec]:
         todo = []
         for spec in specs:
-            status = run_status(run_dir(self.study, spec))
+            status = run_status(find_run(self.study, spec))
             if status == PENDING or (status == FAILED and retry_failed):
                 todo.append(spec)
         return todo
@@ -250,7 +211,7 @@ class Runner:
     def run(self, specs: list[RunSpec], retry_failed: bool = True) -> list[Outcome]:
         """Runs the specs that are not finished (and, with ``retry_failed=False``, not failed before)."""
         todo = self.pending(specs, retry_failed)
-        self.log(f"{len(specs) - len(todo)} of {len(specs)} runs already done or skipped; running {len(todo)}, "
+        self.log(f"{len(specs) - len(todo)} of {len(specs)} runs already done; running {len(todo)}, "
                  f"{self.jobs} at a time, OMP_NUM_THREADS={self.threads}")
         outcomes: list[Outcome] = []
         if not todo:
@@ -262,10 +223,8 @@ class Runner:
                 outcome = future.result()
                 outcomes.append(outcome)
                 what = ("finished" if outcome.status == FINISHED else
-                        f"skipped: {outcome.error}" if outcome.status == SKIPPED else
                         f"FAILED (exit {outcome.returncode}): {outcome.error}")
-                took = "" if outcome.status == SKIPPED else f" in {outcome.wall_time_s / 60:.1f} min"
-                self.log(f"[{i}/{len(todo)}] {outcome.name} {what}{took}")
+                self.log(f"[{i}/{len(todo)}] {outcome.name} {what} in {outcome.wall_time_s / 60:.1f} min")
         except KeyboardInterrupt:
             self._stopping.set()
             for future in futures:
@@ -277,18 +236,11 @@ class Runner:
         return outcomes
 
     def _run_one(self, spec: RunSpec) -> Outcome:
-        out = run_dir(self.study, spec)
         if self._stopping.is_set():
             return Outcome(spec.name, "interrupted", 0.0, None)
-        holder = claim_run(out)
-        if holder is not None:
-            return Outcome(spec.name, SKIPPED, 0.0, None, f"held by {holder}")
-        try:
-            if run_status(out) == FINISHED:  # another runner finished it after this one made its list
-                return Outcome(spec.name, SKIPPED, 0.0, None, "finished by another runner")
-            return self._launch(spec, out)
-        finally:
-            release_run(out)
+        out = run_dir(self.study, spec)
+        out.mkdir(parents=True, exist_ok=True)
+        return self._launch(spec, out)
 
     def _launch(self, spec: RunSpec, out: Path) -> Outcome:
         previous = read_run_info(out) or {}
@@ -298,7 +250,8 @@ class Runner:
         cmd = launch_command(self.study, spec, out)
         info = dict(name=spec.name, task=spec.task, optimizer=spec.optimizer, learning_rate=spec.learning_rate,
                     seed=spec.seed, variant=spec.variant, recipe_args=spec.recipe_args(),
-                    optimizer_defaults=optimizer_defaults(spec.optimizer), command=cmd,
+                    optimizer_defaults=optimizer_defaults(spec.optimizer),
+                    command=portable_command(self.study, spec, out),
                     omp_num_threads=self.threads, attempts=previous.get("attempts", 0) + 1,
                     started=datetime.now(timezone.utc).isoformat(timespec="seconds"), status="running")
         _write_json(out / "run.json", info)
@@ -339,21 +292,12 @@ class Runner:
         return Outcome(spec.name, status, wall, returncode, error)
 
     def _wait(self, proc: subprocess.Popen, out: Path) -> tuple[int | None, bool]:
-        """Waits for the run (return code, timed out), touching its claim every HEARTBEAT_S; kills it at the timeout."""
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        warned = False
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            try:
-                return proc.wait(timeout=HEARTBEAT_S if left is None else max(0.0, min(HEARTBEAT_S, left))), False
-            except subprocess.TimeoutExpired:
-                if left is not None and left <= HEARTBEAT_S:
-                    _kill_group(proc)
-                    return None, True
-            if not refresh_claim(out) and not warned:
-                warned = True
-                self.log(f"warning: {out.name}: this runner's claim was taken over or deleted; another runner "
-                         f"may be running it too (was this runner stopped for over {LEASE_S:g} s?)")
+        """Waits for the run (return code, timed out); kills it at the timeout."""
+        try:
+            return proc.wait(timeout=self.timeout), False
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return None, True
 
     def _kill_all(self) -> None:
         with self._lock:
