@@ -30,7 +30,10 @@ def results(out) -> dict:
 def test_trains_from_a_preset_config_and_reports_perplexity_and_memory(text_files, tmp_path):
     out = tmp_path / "scratch"
     launch("recipes/clm.py", data_args(text_files, out, "--config_name", "gpt2-tiny", "--max_train_steps", "12",
-                                       "--eval_steps", "6", "--learning_rate", "3e-3"))
+                                       "--eval_steps", "6", "--learning_rate", "3e-3",
+                                       # the hypergradient rule steps at 3e-3 from update 1; Mechanic's default
+                                       # start (1% of lr) learns too little in 12 updates for the loss check below
+                                       "--adaptive_lr", "hypergradient"))
     r = results(out)
     from transformers import AutoTokenizer
 
@@ -48,8 +51,8 @@ def test_trains_from_a_preset_config_and_reports_perplexity_and_memory(text_file
     assert start["parameters"] == end["parameters"] == r["parameters"] == n  # full training: everything trains
     assert end["parameter_bytes"] == 4 * n and start["optimizer_state_bytes"] == start["gradient_bytes"] == 0
     assert end["gradient_bytes"] == 4 * n  # fp32 gradients of every parameter
-    # AdaptOpt's default: exp_avg + exp_avg_sq + the Mechanic start x0, plus step counters
-    assert 12 * n <= end["optimizer_state_bytes"] <= 12 * n + 4096
+    # AdaptOpt with the hypergradient rule: exp_avg + exp_avg_sq, plus step counters (Mechanic adds x0: 12n)
+    assert 8 * n <= end["optimizer_state_bytes"] <= 8 * n + 4096
     assert end["peak_memory_mb"] >= start["peak_memory_mb"] > 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [row for row in log if "eval/perplexity" in row]
