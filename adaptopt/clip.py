@@ -124,7 +124,7 @@ class GradClipper:
         """The clipping factor for a global norm, recorded (``last_norm``, ``last_threshold``,
         ``last_finite``) with the running state updated as a clipping step does (the ZClip EMA sees the
         post-clip norm). Also for a norm measured elsewhere, e.g. by the DeepSpeed engine, which clips ZeRO
-        shards itself (adaptopt.distributed). NaN when the norm is not finite: the caller skips the step."""
+        shards itself (adaptopt.deepspeed_run). NaN when the norm is not finite: the caller skips the step."""
         threshold = self.threshold()
         self.last_norm, self.last_threshold = norm, threshold
         self.last_finite = math.isfinite(norm)

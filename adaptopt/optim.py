@@ -84,7 +84,7 @@ from .functional import (
     bias_correction2_sqrt,
 )
 from .mechanic import MechanicScale
-from .validation import check_betas, check_nonneg, check_positive, check_range
+from .hparam_checks import check_betas, check_nonneg, check_positive, check_range
 
 # The rules for the learning-rate scale s_t (module docstring, (2)); None switches it off.
 ADAPTIVE_LR_RULES = ("mechanic", "hypergradient")

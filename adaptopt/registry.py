@@ -20,7 +20,7 @@ from torch import nn
 
 from .clip import GradClipper
 from .optim import AdaptOpt
-from .validation import check_betas, check_nonneg, check_positive, check_range
+from .hparam_checks import check_betas, check_nonneg, check_positive, check_range
 
 # name -> (constructor, the papers' defaults where they differ from the class's own). AdaptOpt owns its
 # defaults (optim.py): nothing is repeated here. The learning-rate-free peers come from their own packages

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .validation import check_gamma, check_nonneg, check_range
+from .hparam_checks import check_gamma, check_nonneg, check_range
 
 Schedule = Callable[[int], float]
 

@@ -31,14 +31,14 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import cli
-from .check import ConfigError, RecipeSettings, check_launch_env
 from .checkpointing import load_progress, resolve_resume, save_checkpoint
-from .distributed import DeepSpeedRun, fix_cpu_deepspeed_state
+from .config_check import ConfigError, RecipeSettings, check_launch_env
+from .deepspeed_run import DeepSpeedRun, fix_cpu_deepspeed_state
+from .divergence import DivergenceMonitor, TooManySkippedUpdates
 from .memory import MemoryTracker, format_report, numel, peak_memory_mb
 from .models import ModelNotFoundError
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
 from .registry import SCHEDULE_FREE, run_hyperparameters
-from .skipped import TooManySkippedUpdates, UpdateMonitor
 
 logger = get_logger(__name__)
 
@@ -64,7 +64,7 @@ class RecipeRun:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
         args.mixed_precision = self.accelerator.mixed_precision
-        # Under DeepSpeed: who clips, and the JSON's "auto" clipping set to ours (adaptopt/distributed.py).
+        # Under DeepSpeed: who clips, and the JSON's "auto" clipping set to ours (adaptopt/deepspeed_run.py).
         self.ds_run = DeepSpeedRun.from_accelerator(self.accelerator, args.max_grad_norm or None, args.adaptive_clip)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                             level=logging.INFO)
@@ -87,7 +87,7 @@ class RecipeRun:
         self.epoch_loss_sum, self.epoch_loss_count, self.epoch_loss_restored = 0.0, 0, (0.0, 0)
         self.loss_sum_dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
         self.final_train_loss: float | None = None
-        self.monitor = UpdateMonitor(args.max_consecutive_skipped_steps)
+        self.monitor = DivergenceMonitor(args.max_consecutive_skipped_steps)
 
     # -- building -------------------------------------------------------------------------------------
     def apply_lora(self, model, task_type: str):

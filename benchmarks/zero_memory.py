@@ -7,7 +7,7 @@ classification head; optimizer: ``adaptopt.build_optimizer("adaptopt", model, ..
 CPU), fp32, under ds_configs/zero0.json, zero1.json, zero2.json and zero3.json. The "auto" values are
 filled as tests/ds_worker.py fills them: micro batch 8 per rank, gradient accumulation 1,
 train_batch_size 16, reduce/prefetch bucket 500,000 elements, ZeRO-3 persistence threshold 0.
-adaptopt.distributed.DeepSpeedRun decides who clips (max_grad_norm 1.0: AdaptOpt itself under ZeRO-0,
+adaptopt.deepspeed_run.DeepSpeedRun decides who clips (max_grad_norm 1.0: AdaptOpt itself under ZeRO-0,
 the engine under ZeRO-1/2/3), exactly as the recipes do.
 
 Everything is read from the live tensors, nothing is estimated:
@@ -232,7 +232,7 @@ def run_child(args) -> None:
     from transformers.utils import logging as hf_logging
 
     from adaptopt import build_optimizer
-    from adaptopt.distributed import DeepSpeedRun
+    from adaptopt.deepspeed_run import DeepSpeedRun
     from adaptopt.models import default_model_path
 
     hf_logging.set_verbosity_error()

@@ -13,7 +13,7 @@ CUDA it solves accelerate's two CPU catches (../shared/ENVIRONMENT.md), here and
   keeps the multi-process launcher and gives each process the gloo backend;
 - DeepSpeed: ``ACCELERATE_USE_CPU`` would silently turn DeepSpeed off, so it is not set. DeepSpeed picks
   its CPU accelerator itself. The recipes fix accelerate's process count at start-up
-  (``adaptopt.distributed.fix_cpu_deepspeed_state``).
+  (``adaptopt.deepspeed_run.fix_cpu_deepspeed_state``).
 
 And one CPU performance catch: without ``--cpu``, ``accelerate launch`` runs every process with
 ``OMP_NUM_THREADS=1``. On a CPU-only machine that leaves all cores but one idle in a 1-process run, which

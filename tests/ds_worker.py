@@ -6,7 +6,7 @@ For every case it writes one JSON line to the output file (rank 0): the largest 
 to the single-process run, the final-loss difference, the largest difference between the engine's
 logged pre-clip norm and the true global norm, and the step counts. The test judges them.
 
-The glue is the recipes' own: adaptopt.distributed.DeepSpeedRun fills the clipping, decides who clips,
+The glue is the recipes' own: adaptopt.deepspeed_run.DeepSpeedRun fills the clipping, decides who clips,
 gives AdaptOpt a reduce_fn under ZeRO and counts applied updates for the schedule.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 
 from adaptopt import build_optimizer, build_scheduler  # noqa: E402
-from adaptopt.distributed import DeepSpeedRun  # noqa: E402
-from adaptopt.skipped import UpdateMonitor  # noqa: E402
+from adaptopt.deepspeed_run import DeepSpeedRun  # noqa: E402
+from adaptopt.divergence import DivergenceMonitor  # noqa: E402
 
 MICRO, D_IN, D_OUT, STEPS, LR, CLIP = 4, 16, 4, 5, 1e-2, 0.5
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,7 +109,7 @@ def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, a
     run.guard(optimizer, scheduler)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     run.attach(engine, optimizer)
-    monitor = UpdateMonitor(max_consecutive=10**9)  # the recipes' skip counter
+    monitor = DivergenceMonitor(max_consecutive=10**9)  # the recipes' skip counter
     dtype = PRECISION_DTYPE[precision]
     x, y, x_eval, y_eval = make_data(steps)
     rows = slice(rank * MICRO, (rank + 1) * MICRO)

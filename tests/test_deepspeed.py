@@ -20,7 +20,7 @@ from test_glue_recipe import common, results
 OPTIMIZERS = ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw", "adaptopt"]
 CONFIGS = ["zero0.json", "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"]
 PRECISIONS = ["fp32", "bf16", "fp16"]
-# DeepSpeed replaces a client Adagrad under ZeRO >= 1 (adaptopt.distributed.DeepSpeedRun.guard refuses it)
+# DeepSpeed replaces a client Adagrad under ZeRO >= 1 (adaptopt.deepspeed_run.DeepSpeedRun.guard refuses it)
 CASES = [[o, c, p, ""] for o in OPTIMIZERS for c in CONFIGS for p in PRECISIONS
          if not (o == "adagrad" and c != "zero0.json")]
 CASES += [["adaptopt", c, "fp32", "adaptive_clip"] for c in ("zero0.json", "zero2.json", "zero3.json")]
@@ -100,7 +100,7 @@ def test_deepspeed_matches_single_process(matrix, case):
 
 def test_adagrad_under_zero_is_refused_with_the_reason():
     from adaptopt import build_optimizer
-    from adaptopt.distributed import DeepSpeedRun
+    from adaptopt.deepspeed_run import DeepSpeedRun
 
     run = DeepSpeedRun(json.loads((REPO / "ds_configs" / "zero2.json").read_text()), 1.0, False)
     with pytest.raises(ValueError, match="adagrad cannot run under DeepSpeed ZeRO-1/2/3.*zero0.json"):
@@ -114,7 +114,7 @@ def test_peers_are_refused_where_deepspeed_wraps_them(name, config, precision):
     """Prodigy and D-Adapt would take a different step size on every rank and group, Schedule-Free would
     evaluate and save the wrong iterate: refused before training, with the reason and what to use instead."""
     from adaptopt import build_optimizer
-    from adaptopt.distributed import DeepSpeedRun
+    from adaptopt.deepspeed_run import DeepSpeedRun
 
     ds = json.loads((REPO / "ds_configs" / config).read_text())
     for key in ("fp16", "bf16"):
@@ -126,7 +126,7 @@ def test_peers_are_refused_where_deepspeed_wraps_them(name, config, precision):
 
 
 def test_auto_clipping_becomes_the_recipes_value_and_one_side_clips():
-    from adaptopt.distributed import DeepSpeedRun
+    from adaptopt.deepspeed_run import DeepSpeedRun
 
     z2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     run = DeepSpeedRun(z2, 0.25, False)

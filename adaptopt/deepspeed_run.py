@@ -69,7 +69,7 @@ class DeepSpeedRun:
         wrapped = self.stage > 0 or _enabled(ds_config.get("fp16")) or _enabled(ds_config.get("bf16"))
         self.optimizer_clips = not wrapped
         # The engine must not clip when the optimizer does, and must clip at the recipe's value otherwise.
-        # A number written in the file was checked against the recipe's by adaptopt.check already.
+        # A number written in the file was checked against the recipe's by adaptopt.config_check already.
         self.config["gradient_clipping"] = 0.0 if self.optimizer_clips else float(max_grad_norm or 0.0)
         self.clipper = GradClipper(max_grad_norm, adaptive=adaptive_clip) if wrapped else None
         self.engine = None

@@ -2,7 +2,7 @@
 
 An fp16 overflow skips an update (the loss scaler then lowers the scale), and so does a NaN loss. A few
 skips are normal; a long run of them means training has diverged, and every further step burns compute.
-``UpdateMonitor`` stops the run with an error after ``max_consecutive`` skipped updates in a row. The
+``DivergenceMonitor`` stops the run with an error after ``max_consecutive`` skipped updates in a row. The
 recipe calls it before the update could be checkpointed, so the last checkpoint on disk is the last
 good state.
 """
@@ -13,7 +13,7 @@ class TooManySkippedUpdates(RuntimeError):
     pass
 
 
-class UpdateMonitor:
+class DivergenceMonitor:
     def __init__(self, max_consecutive: int):
         if max_consecutive < 1:
             raise ValueError(f"max_consecutive must be >= 1 (got {max_consecutive})")

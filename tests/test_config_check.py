@@ -1,4 +1,4 @@
-"""The pre-flight check (python -m adaptopt.check): one test per mistake, each error names the fix;
+"""The pre-flight check (python -m adaptopt.config_check): one test per mistake, each error names the fix;
 plus the skipped-update monitor and the externally counted LR schedule that DeepSpeed runs use."""
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adaptopt import build_optimizer, build_scheduler
-from adaptopt.check import ConfigError, RecipeSettings, check_accelerate_config, check_ds_config, load_json, main
-from adaptopt.skipped import TooManySkippedUpdates, UpdateMonitor
+from adaptopt.config_check import ConfigError, RecipeSettings, check_accelerate_config, check_ds_config, load_json, main
+from adaptopt.divergence import DivergenceMonitor, TooManySkippedUpdates
 from conftest import REPO
 
 RECIPE = RecipeSettings(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_grad_norm=1.0, world_size=4)
@@ -139,7 +139,7 @@ def test_command_line_exit_codes(capsys, tmp_path):
 
 
 def test_update_monitor_stops_after_the_configured_run_of_skips():
-    monitor = UpdateMonitor(3)
+    monitor = DivergenceMonitor(3)
     for applied in (False, False, True, False, False):
         monitor.update(applied)
     assert monitor.skipped == 4 and monitor.consecutive == 2
