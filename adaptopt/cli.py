@@ -124,6 +124,8 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--num_train_epochs must be > 0 (got {args.num_train_epochs})")
     if not 0.0 <= args.warmup_ratio < 1.0:
         parser.error(f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if args.logging_steps < 1:
+        parser.error(f"--logging_steps must be >= 1 (got {args.logging_steps})")
     if args.max_consecutive_skipped_steps < 1:
         parser.error(f"--max_consecutive_skipped_steps must be >= 1 (got {args.max_consecutive_skipped_steps})")
     if args.max_grad_norm < 0:

@@ -186,7 +186,6 @@ class AdaptOpt(torch.optim.Optimizer):
         self.lr_tuner = MechanicScale(lr, scale_decay, scale_init) if adaptive_lr == "mechanic" else None
         if self.lr_tuner is not None:
             attach_state(self, self.lr_tuner, key="lr_tuner")
-        self.skipped_steps = 0  # steps skipped because the gradient norm was inf/nan
 
     def add_param_group(self, param_group: dict) -> None:
         # A group's position, kept in the group: DeepSpeed ZeRO-1/2 hand step() one group at a time, and the
@@ -240,8 +239,8 @@ class AdaptOpt(torch.optim.Optimizer):
             else:
                 self.grad_clipper.clip_(grads)
             if not self.grad_clipper.last_finite:
-                # Leave parameters, moments and step counts untouched: the step did not happen.
-                self.skipped_steps += 1
+                # Leave parameters, moments and step counts untouched: the step did not happen (the clipper
+                # counts it: grad_clipper.nonfinite_steps).
                 return loss
 
         tuner = self.lr_tuner

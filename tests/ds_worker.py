@@ -6,8 +6,9 @@ For every case it writes one JSON line to the output file (rank 0): the largest 
 to the single-process run, the final-loss difference, the largest difference between the engine's
 logged pre-clip norm and the true global norm, and the step counts. The test judges them.
 
-The glue is the recipes' own: adaptopt.deepspeed_run.DeepSpeedRun fills the clipping, decides who clips,
-gives AdaptOpt a reduce_fn under ZeRO and counts applied updates for the schedule.
+The glue is the recipes' own: adaptopt.deepspeed_run.DeepSpeedRun fills the clipping, decides who clips and
+gives AdaptOpt a reduce_fn under ZeRO; adaptopt.divergence.update_applied tells the schedule and the skip
+counter which updates applied, as in adaptopt/training.py.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import deepspeed.comm as dist  # noqa: E402
 
 from adaptopt import build_optimizer, build_scheduler  # noqa: E402
 from adaptopt.deepspeed_run import DeepSpeedRun  # noqa: E402
-from adaptopt.divergence import DivergenceMonitor  # noqa: E402
+from adaptopt.divergence import DivergenceMonitor, update_applied  # noqa: E402
 
 MICRO, D_IN, D_OUT, STEPS, LR, CLIP = 4, 16, 4, 5, 1e-2, 0.5
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,7 +107,8 @@ def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, a
     optimizer = build(opt_name, model, max_grad_norm=CLIP if run.optimizer_clips else None,
                       adaptive_clip=adaptive_clip and run.optimizer_clips, **rule, **({"fused": True} if fused else {}))
     scheduler = build_scheduler(optimizer, "linear", total_steps=steps, warmup_steps=2)
-    run.guard(optimizer, scheduler)
+    scheduler.count_updates_externally()  # ZeRO calls step() per group: the schedule counts update_applied's answers
+    run.guard(optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     run.attach(engine, optimizer)
     monitor = DivergenceMonitor(max_consecutive=10**9)  # the recipes' skip counter
@@ -120,7 +122,10 @@ def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, a
             loss = loss * float("inf")  # an overflow, as fp16 produces one
         engine.backward(loss)
         engine.step()
-        monitor.update(applied=run.after_update())
+        applied = update_applied(run.after_update(), optimizer)
+        if applied:
+            scheduler.record_update()
+        monitor.update(applied)
         scheduler.step()
         norms.append(run.grad_clipper.last_norm)
     with torch.no_grad():
