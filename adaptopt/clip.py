@@ -117,7 +117,7 @@ class GradClipper:
     def clip_factor(self, grads: list[Tensor]) -> float:
         """The factor that clips ``grads``, without applying it: measures their global norm and returns
         ``factor_for_norm(norm)`` (threshold / norm, 1.0, or NaN when the norm is not finite). AdaptOpt's
-        fused path passes it into its compiled update instead of scaling the gradients in place."""
+        compiled path passes it into its kernel instead of scaling the gradients in place."""
         return self.factor_for_norm(float(global_grad_norm(grads, self.reduce_fn)))
 
     def factor_for_norm(self, norm: float) -> float:

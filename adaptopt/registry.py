@@ -48,7 +48,8 @@ SCHEDULE_FREE = frozenset({"schedulefree_adamw"})
 
 # Constructor arguments that pick an implementation (or AdaptOpt's sharding hook), not the math: left out
 # of the hyperparameters a run records.
-IMPLEMENTATION_ARGS = frozenset({"params", "foreach", "fused", "capturable", "differentiable", "reduce_fn"})
+IMPLEMENTATION_ARGS = frozenset({"params", "foreach", "fused", "compiled", "capturable", "differentiable",
+                                 "reduce_fn"})
 
 # Names of parameters that never get weight decay (biases, LayerNorm/RMSNorm weights).
 NO_DECAY_MARKERS = ("bias", "layernorm", "layer_norm", "ln_", ".norm", "rmsnorm")

@@ -91,7 +91,7 @@ def recipe_samples_per_second(args, optimizer: str, extra: list[str]) -> float:
 
 def compile_probe_seconds(threads: int) -> float:
     """Wall time of adaptopt's compiled-update check in a fresh process (inductor's disk cache warm, as in
-    the recipe runs). The recipe runs this check while it sets up (cli._use_fused), before its training
+    the recipe runs). The recipe runs this check while it sets up (cli.impl_arguments), before its training
     loop, and the check compiles the graph the first update then reuses: that compile is no longer inside
     the measured loop, so the script also reports the recipe with this time added to its loop."""
     code = ("import time, torch; torch.set_num_threads(%d); from adaptopt.functional import compiled_update_unavailable; "

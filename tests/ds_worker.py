@@ -99,13 +99,13 @@ def reference(opt_name: str, steps: int, adaptive_clip: bool, skip_step: int | N
 
 
 def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, adaptive_clip: bool,
-                  skip_step: int | None, rule: dict, fused: bool = False):
+                  skip_step: int | None, rule: dict, impl: dict):
     rank = dist.get_rank()
     config = ds_config(config_name, precision)
     model = make_model()
     run = DeepSpeedRun(config, CLIP, adaptive_clip)
     optimizer = build(opt_name, model, max_grad_norm=CLIP if run.optimizer_clips else None,
-                      adaptive_clip=adaptive_clip and run.optimizer_clips, **rule, **({"fused": True} if fused else {}))
+                      adaptive_clip=adaptive_clip and run.optimizer_clips, **rule, **impl)
     scheduler = build_scheduler(optimizer, "linear", total_steps=steps, warmup_steps=2)
     scheduler.count_updates_externally()  # ZeRO calls step() per group: the schedule counts update_applied's answers
     run.guard(optimizer)
@@ -148,14 +148,15 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     out = open(args.out, "w") if dist.get_rank() == 0 else None
     for opt_name, config_name, precision, extra in json.loads(args.cases):
-        flags = set(extra.split("+"))  # e.g. "fused+overflow"
+        flags = set(extra.split("+"))  # e.g. "compiled+overflow"
         adaptive_clip = "adaptive_clip" in flags
         skip_step = 2 if "overflow" in flags else None
         steps = 30 if adaptive_clip else STEPS  # ZClip's threshold takes over after 25 norms
         rule = {"adaptive_lr": "hypergradient"} if "hypergradient" in flags else {}
         ref_params, ref_final, ref_norms, ref_applied = reference(opt_name, steps, adaptive_clip, skip_step, rule)
         params, final, norms, applied, skipped, state_steps = deepspeed_run(
-            opt_name, config_name, precision, steps, adaptive_clip, skip_step, rule, fused="fused" in flags)
+            opt_name, config_name, precision, steps, adaptive_clip, skip_step, rule,
+            impl={flag: True for flag in ("compiled", "fused") if flag in flags})
         if out is not None:
             # the largest parameter difference, relative to how far the reference moved the parameters
             moved = max(float((a - b).abs().max()) for a, b in zip(ref_params, make_model().parameters()))
