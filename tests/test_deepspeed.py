@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from adaptopt.launch import launcher_args, recipe_command
 from conftest import REPO, _free_port, launch
 from test_glue_recipe import common, results
 
@@ -176,16 +177,14 @@ def test_two_machines_on_one_host_match_one_machine(glue_dir, tiny_bert, tmp_pat
     """Two accelerate launches with machine_rank 0 and 1 (DeepSpeed's standard multinode launcher) run
     ZeRO-2 to completion and give the metrics of one machine with 2 processes."""
     two = tmp_path / "two"
-    port = str(_free_port())
+    port = _free_port()
     procs = []
     for rank in (0, 1):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch" / "deepspeed_multi_node.yaml"), "--deepspeed_config_file",
-               str(REPO / "ds_configs" / "zero2.json"), "--num_machines", "2", "--num_processes", "2",
-               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-               str(REPO / "recipes" / "glue.py"), *_glue_args(glue_dir, tiny_bert, two, *RUN_ARGS)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
+        launcher = launcher_args(processes=2, machines=2, machine_rank=rank, main_process_ip="127.0.0.1",
+                                 main_process_port=port, deepspeed_config=REPO / "ds_configs" / "zero2.json")
+        cmd, env = recipe_command(launcher, REPO / "recipes" / "glue.py",
+                                  _glue_args(glue_dir, tiny_bert, two, *RUN_ARGS), threads=1)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-6000:]
