@@ -66,3 +66,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# tests/test_study.py's end-to-end tests run a whole study through accelerate launch (those on its `tiny_study`
+# fixture, and the stop-and-resume test): the slow tier. Marked here by what they run, so that the study's test
+# file carries only the study's tests; its statistics, config and runner tests stay in the fast tier.
+STUDY_END_TO_END = {"test_a_study_stopped_mid_run_kills_the_run_and_resumes_it"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tiny_study" in getattr(item, "fixturenames", ()) or getattr(item, "originalname", "") in STUDY_END_TO_END:
+            item.add_marker(pytest.mark.slow)

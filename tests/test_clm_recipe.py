@@ -27,6 +27,7 @@ def results(out) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_trains_from_a_preset_config_and_reports_perplexity_and_memory(text_files, tmp_path):
     out = tmp_path / "scratch"
     launch("recipes/clm.py", data_args(text_files, out, "--config_name", "gpt2-tiny", "--max_train_steps", "12",
@@ -56,6 +57,7 @@ def test_trains_from_a_preset_config_and_reports_perplexity_and_memory(text_file
     assert [row["step"] for row in evals] == [6, 12] and evals[-1]["eval/perplexity"] == r["perplexity"]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_perplexity_as_one(text_files, tiny_llama, tmp_path):
     """Same weights (learning rate 0), 1 and 2 processes: 21 validation blocks in batches of 2 leave the last
     batch of rank 1 padded with a duplicate that must not count. A fresh single-process evaluation with the
@@ -75,6 +77,7 @@ def test_two_processes_give_the_same_perplexity_as_one(text_files, tiny_llama, t
     assert fresh["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_adapters_saved_under_zero3_reload_with_the_same_outputs(text_files, tiny_gpt2, tmp_path):
     """LoRA with 2 processes under ZeRO-3, where parameters are partitioned and saving must gather them: the
     saved adapters are complete (a known failure elsewhere under ZeRO-3: empty tensors), reload in a fresh

@@ -111,6 +111,7 @@ def test_run_py_without_a_recipe_says_so():
     assert proc.returncode == 2 and "no recipe given" in proc.stderr
 
 
+@pytest.mark.slow
 def test_ddp_config_runs_two_processes_on_cpu(glue_dir, tiny_bert, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, str(REPO / "launch" / "run.py"), *DDP, "--main_process_port", str(_free_port()),
