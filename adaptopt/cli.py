@@ -47,15 +47,15 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
                    help="adaptopt, hypergradient: max relative LR-scale change per step")
     g.add_argument("--no_adaptive_momentum", action="store_true", help="adaptopt: switch off adaptive b1")
     g.add_argument("--momentum_rate", type=float, default=None, help="adaptopt: how strongly b1 follows the path")
-    g.add_argument("--optimizer_impl", choices=["auto", "fused", "eager"], default="auto",
-                   help="how the update runs, same math either way. adaptopt: 'fused' = the torch.compile-d "
-                        "single-pass kernel (4-5x faster step, compiles once, cached across runs), 'eager' = plain "
-                        "PyTorch ops. torch baselines: 'fused' = torch's fused kernel (adam, adamw, sgd, momentum, "
-                        "adagrad), 'eager' = torch's default. 'auto' = the fused one where it works on this device "
-                        "(adaptopt: if torch.compile works, else eager with a warning saying why; rmsprop, which "
-                        "has no fused kernel: foreach)")
-    g.add_argument("--fused_optimizer", dest="optimizer_impl", action="store_const", const="fused",
-                   help="same as --optimizer_impl fused")
+    g.add_argument("--optimizer_impl", choices=OPTIMIZER_IMPLS, default="auto",
+                   help="how the update runs, the same math each way. compiled: adaptopt's torch.compile-d "
+                        "single-pass kernel (4-5x faster step than eager; compiles once, cached across runs). "
+                        "fused: torch's fused C++ kernel of a torch baseline (adam, adamw, sgd, momentum, adagrad). "
+                        "foreach: torch._foreach_* ops (adaptopt and the torch optimizers). eager: the optimizer's "
+                        "default path (a per-tensor loop on CPU). auto: the fastest that works here: compiled for "
+                        "adaptopt (eager, with a warning saying why, where torch.compile does not work), fused for "
+                        "the torch baselines, foreach for rmsprop and schedulefree_adamw; prodigy and dadapt_adam "
+                        "have one path")
 
     g = parser.add_argument_group("learning-rate schedule")
     g.add_argument("--lr_scheduler", default=None, choices=SCHEDULES,
@@ -124,6 +124,8 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--num_train_epochs must be > 0 (got {args.num_train_epochs})")
     if not 0.0 <= args.warmup_ratio < 1.0:
         parser.error(f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if args.logging_steps < 1:
+        parser.error(f"--logging_steps must be >= 1 (got {args.logging_steps})")
     if args.max_consecutive_skipped_steps < 1:
         parser.error(f"--max_consecutive_skipped_steps must be >= 1 (got {args.max_consecutive_skipped_steps})")
     if args.max_grad_norm < 0:
@@ -134,9 +136,9 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
                  if getattr(args, f) is not None]
         if used:
             parser.error(f"--{', --'.join(used)} only apply to --optimizer adaptopt (got --optimizer {args.optimizer})")
-    if args.optimizer_impl == "fused" and args.optimizer != "adaptopt" and not _has_fused_kernel(args.optimizer):
-        parser.error(f"--optimizer_impl fused: {optimizer_class(args.optimizer).__name__} has no fused kernel; "
-                     "use --optimizer_impl auto (foreach) or eager")
+    refusal = impl_refusal(args.optimizer, args.optimizer_impl)
+    if refusal:
+        parser.error(refusal)
     if args.lr_scheduler is None:
         args.lr_scheduler = "constant" if args.optimizer in SCHEDULE_FREE else "linear"
     elif args.optimizer in SCHEDULE_FREE and args.lr_scheduler != "constant":
@@ -169,35 +171,54 @@ def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, d
             hp["adaptive_lr"] = None if args.adaptive_lr == "none" else args.adaptive_lr
         hp.update(adaptive_momentum=not args.no_adaptive_momentum, scale_decay=args.scale_decay,
                   scale_init=args.scale_init,
-                  hypergrad_rate=args.hypergrad_rate, momentum_rate=args.momentum_rate,
-                  fused=_use_fused(args.optimizer_impl, device))
-    else:
-        hp.update(_torch_impl(args.optimizer, args.optimizer_impl, device))
+                  hypergrad_rate=args.hypergrad_rate, momentum_rate=args.momentum_rate)
+    hp.update(impl_arguments(args.optimizer, args.optimizer_impl, device))
     return build_optimizer(args.optimizer, model, max_grad_norm=(args.max_grad_norm or None) if clip else None,
                            adaptive_clip=args.adaptive_clip and clip, **hp)
 
 
-def _has_fused_kernel(name: str) -> bool:
+# --optimizer_impl's words. "compiled" is AdaptOpt's torch.compile-d kernel (adaptopt/functional.py), "fused" is
+# torch's fused C++ kernel of a torch optimizer: which optimizer has which is read from its constructor's arguments
+# (AdaptOpt's compiled=, torch's fused= and foreach=), so a new registry entry needs no table here.
+OPTIMIZER_IMPLS = ("auto", "compiled", "fused", "foreach", "eager")
+
+
+def _takes(name: str) -> set[str]:
     import inspect
 
-    return "fused" in inspect.signature(optimizer_class(name)).parameters
+    return set(inspect.signature(optimizer_class(name)).parameters) & {"compiled", "fused", "foreach"}
 
 
-def _torch_impl(name: str, impl: str, device) -> dict:
-    """The flag that selects a torch optimizer's implementation. 'auto' matters for fair comparisons: torch
-    defaults to a per-tensor loop on CPU (foreach only on CUDA), while HF Trainer defaults to fused AdamW,
-    so a baseline left at torch's default would be timed on its slowest path. An optimizer with neither
-    switch (Prodigy, D-Adapt) runs as it is."""
-    import inspect
+def impl_refusal(name: str, impl: str) -> str | None:
+    """Why ``--optimizer_impl impl`` does not apply to optimizer ``name``, or None when it does."""
+    takes = _takes(name)
+    if impl in ("auto", "eager") or impl in takes:
+        return None
+    what = {"compiled": "adaptopt's torch.compile-d update", "fused": "torch's fused C++ kernel",
+            "foreach": "torch._foreach_* ops"}[impl]
+    has = [w for w in ("compiled", "fused", "foreach") if w in takes]
+    return (f"--optimizer_impl {impl} ({what}) does not apply to --optimizer {name}; it runs with "
+            f"{', '.join(['auto', *has, 'eager'])}")
 
-    takes = inspect.signature(optimizer_class(name)).parameters
-    if impl == "eager" or not ({"fused", "foreach"} & set(takes)):
-        return {}
+
+def impl_arguments(name: str, impl: str, device=None) -> dict:
+    """The constructor arguments that select ``impl`` for optimizer ``name`` on ``device`` (where training runs).
+
+    'auto' matters for fair comparisons: torch defaults to a per-tensor loop on CPU (foreach only on CUDA), while
+    HF Trainer defaults to fused AdamW, so a baseline left at torch's default would be timed on its slowest path.
+    Raises ValueError where torch's fused kernel does not run on ``device``."""
+    takes = _takes(name)
+    if impl == "eager":
+        return {"compiled": False} if "compiled" in takes else {}
+    if impl == "compiled" or (impl == "auto" and "compiled" in takes):
+        return {"compiled": impl == "compiled" or _compiled_update_works(device)}
+    if impl == "foreach":
+        return {"foreach": True}
     import torch
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     device_type = torch.device(device or "cpu").type
-    if _has_fused_kernel(name) and device_type in _get_fused_kernels_supported_devices():
+    if "fused" in takes and device_type in _get_fused_kernels_supported_devices():
         return {"fused": True}
     if impl == "fused":
         raise ValueError(f"--optimizer_impl fused: torch's fused {name} does not run on {device_type}; "
@@ -205,9 +226,7 @@ def _torch_impl(name: str, impl: str, device) -> dict:
     return {"foreach": True} if "foreach" in takes else {}
 
 
-def _use_fused(impl: str, device) -> bool:
-    if impl != "auto":
-        return impl == "fused"
+def _compiled_update_works(device) -> bool:
     from .functional import compiled_update_unavailable
 
     reason = compiled_update_unavailable(device or "cpu")

@@ -117,14 +117,14 @@ class GradClipper:
     def clip_factor(self, grads: list[Tensor]) -> float:
         """The factor that clips ``grads``, without applying it: measures their global norm and returns
         ``factor_for_norm(norm)`` (threshold / norm, 1.0, or NaN when the norm is not finite). AdaptOpt's
-        fused path passes it into its compiled update instead of scaling the gradients in place."""
+        compiled path passes it into its kernel instead of scaling the gradients in place."""
         return self.factor_for_norm(float(global_grad_norm(grads, self.reduce_fn)))
 
     def factor_for_norm(self, norm: float) -> float:
         """The clipping factor for a global norm, recorded (``last_norm``, ``last_threshold``,
         ``last_finite``) with the running state updated as a clipping step does (the ZClip EMA sees the
         post-clip norm). Also for a norm measured elsewhere, e.g. by the DeepSpeed engine, which clips ZeRO
-        shards itself (adaptopt.distributed). NaN when the norm is not finite: the caller skips the step."""
+        shards itself (adaptopt.deepspeed_run). NaN when the norm is not finite: the caller skips the step."""
         threshold = self.threshold()
         self.last_norm, self.last_threshold = norm, threshold
         self.last_finite = math.isfinite(norm)

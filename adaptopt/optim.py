@@ -84,7 +84,7 @@ from .functional import (
     bias_correction2_sqrt,
 )
 from .mechanic import MechanicScale
-from .validation import check_betas, check_nonneg, check_positive, check_range
+from .hparam_checks import check_betas, check_nonneg, check_positive, check_range
 
 # The rules for the learning-rate scale s_t (module docstring, (2)); None switches it off.
 ADAPTIVE_LR_RULES = ("mechanic", "hypergradient")
@@ -116,8 +116,8 @@ class AdaptOpt(torch.optim.Optimizer):
         adaptive_clip: ZClip threshold from the norm's running statistics (max_grad_norm then applies
             only during its warmup). See clip.GradClipper.
         foreach: use the torch._foreach_* implementation (default: on for CUDA tensors).
-        fused: use the torch.compile-d single-pass kernel (CPU and GPU; compiles on first step). With
-            fused=True (in every param group) clipping is folded into that kernel: it multiplies the
+        compiled: use the torch.compile-d single-pass kernel (CPU and GPU; compiles on first step). With
+            compiled=True (in every param group) clipping is folded into that kernel: it multiplies the
             gradient by the clip factor as it reads it, so after step() p.grad still holds the
             *unclipped* gradient (the update used the clipped one); the pre-clip norm is
             ``grad_clipper.last_norm``. The other implementations clip p.grad in place.
@@ -143,7 +143,7 @@ class AdaptOpt(torch.optim.Optimizer):
         max_grad_norm: float | None = 1.0,
         adaptive_clip: bool = False,
         foreach: bool | None = None,
-        fused: bool | None = None,
+        compiled: bool | None = None,
         reduce_fn: ReduceFn | None = None,
     ):
         check_positive("lr", lr, allow_zero=True)
@@ -160,14 +160,14 @@ class AdaptOpt(torch.optim.Optimizer):
             raise ValueError(f"Invalid lr_scale_bounds: {lr_scale_bounds} (need 0 < low <= 1 <= high)")
         check_nonneg("momentum_rate", momentum_rate, upper=1.0)
         check_range("beta1_max", beta1_max, betas[0], 1.0, "[beta1, 1)")
-        if foreach and fused:
-            raise ValueError("foreach=True and fused=True are exclusive: pick one implementation")
+        if foreach and compiled:
+            raise ValueError("foreach=True and compiled=True are exclusive: pick one implementation")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             adaptive_lr=adaptive_lr, scale_decay=scale_decay, scale_init=scale_init,
             hypergrad_rate=hypergrad_rate, lr_scale_bounds=tuple(lr_scale_bounds),
             adaptive_momentum=adaptive_momentum, momentum_rate=momentum_rate, beta1_max=beta1_max,
-            foreach=foreach, fused=fused,
+            foreach=foreach, compiled=compiled,
             # Run-wide scalars live in the group so that state_dict() carries them.
             lr_scale=1.0, path_cos=0.0,
             # This group's local statistics of the last step, folded into path_cos/lr_scale when the next
@@ -186,7 +186,12 @@ class AdaptOpt(torch.optim.Optimizer):
         self.lr_tuner = MechanicScale(lr, scale_decay, scale_init) if adaptive_lr == "mechanic" else None
         if self.lr_tuner is not None:
             attach_state(self, self.lr_tuner, key="lr_tuner")
-        self.skipped_steps = 0  # steps skipped because the gradient norm was inf/nan
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # also the end of load_state_dict
+        for group in self.param_groups:  # a checkpoint whose groups name the compiled path by its old key
+            if "compiled" not in group:
+                group["compiled"] = group.pop("fused", None)
 
     def add_param_group(self, param_group: dict) -> None:
         # A group's position, kept in the group: DeepSpeed ZeRO-1/2 hand step() one group at a time, and the
@@ -231,17 +236,17 @@ class AdaptOpt(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        grad_scale = None  # the clipping factor, when the fused kernels apply it instead of clip_
+        grad_scale = None  # the clipping factor, when the compiled kernels apply it instead of clip_
         if self.grad_clipper.enabled:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if all(g["fused"] for g in self.param_groups):
+            if all(g["compiled"] for g in self.param_groups):
                 # p.grad keeps the unclipped gradient: the compiled update multiplies it by the factor.
                 grad_scale = self.grad_clipper.clip_factor(grads)
             else:
                 self.grad_clipper.clip_(grads)
             if not self.grad_clipper.last_finite:
-                # Leave parameters, moments and step counts untouched: the step did not happen.
-                self.skipped_steps += 1
+                # Leave parameters, moments and step counts untouched: the step did not happen (the clipper
+                # counts it: grad_clipper.nonfinite_steps).
                 return loss
 
         tuner = self.lr_tuner
@@ -321,7 +326,7 @@ class AdaptOpt(torch.optim.Optimizer):
 
 
 def _pick_impl(group: dict, params: list[Tensor]):
-    if group["fused"]:
+    if group["compiled"]:
         return adaptopt_compiled
     foreach = group["foreach"]
     if foreach is None:  # as torch: foreach by default where kernels launch on a device

@@ -20,7 +20,7 @@ from torch import nn
 
 from .clip import GradClipper
 from .optim import AdaptOpt
-from .validation import check_betas, check_nonneg, check_positive, check_range
+from .hparam_checks import check_betas, check_nonneg, check_positive, check_range
 
 # name -> (constructor, the papers' defaults where they differ from the class's own). AdaptOpt owns its
 # defaults (optim.py): nothing is repeated here. The learning-rate-free peers come from their own packages
@@ -48,7 +48,8 @@ SCHEDULE_FREE = frozenset({"schedulefree_adamw"})
 
 # Constructor arguments that pick an implementation (or AdaptOpt's sharding hook), not the math: left out
 # of the hyperparameters a run records.
-IMPLEMENTATION_ARGS = frozenset({"params", "foreach", "fused", "capturable", "differentiable", "reduce_fn"})
+IMPLEMENTATION_ARGS = frozenset({"params", "foreach", "fused", "compiled", "capturable", "differentiable",
+                                 "reduce_fn"})
 
 # Names of parameters that never get weight decay (biases, LayerNorm/RMSNorm weights).
 NO_DECAY_MARKERS = ("bias", "layernorm", "layer_norm", "ln_", ".norm", "rmsnorm")

@@ -13,12 +13,14 @@ update already moves; t = W - 1 reaches the full LR), after which the decay runs
     plateau       f = factor^k after k reductions, one each time the validation metric has not improved
                   for ``patience`` evaluations (torch's ReduceLROnPlateau rule, as a multiplier)
 
-``ScheduledLR`` applies f to an optimizer and counts *applied* updates through an optimizer step hook,
-not calls to ``scheduler.step()``. So a step skipped for an FP16 overflow (GradScaler or DeepSpeed never
-call ``optimizer.step()``; AdaptOpt's non-finite guard returns early) advances neither the schedule nor
-the optimizer's bias correction, and calling ``scheduler.step()`` more than once per update (accelerate
-steps a prepared scheduler once per process) cannot run it ahead. Recipes call ``scheduler.step()`` after
-every ``optimizer.step()`` and need nothing else.
+``ScheduledLR`` applies f to an optimizer and counts *applied* updates, not calls to ``scheduler.step()``.
+So a step skipped for an FP16 overflow (GradScaler or DeepSpeed never call ``optimizer.step()``; AdaptOpt's
+non-finite guard returns early) advances neither the schedule nor the optimizer's bias correction, and
+calling ``scheduler.step()`` more than once per update (accelerate steps a prepared scheduler once per
+process) cannot run it ahead. By itself it counts through an optimizer step hook, so a library user calls
+``scheduler.step()`` after every ``optimizer.step()`` and needs nothing else. The recipes instead report
+each applied update (``count_updates_externally()``, then ``record_update()``) from the one per-update
+decision of adaptopt/divergence.py, which also covers DeepSpeed ZeRO's several ``step()`` calls per update.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .validation import check_gamma, check_nonneg, check_range
+from .hparam_checks import check_gamma, check_nonneg, check_range
 
 Schedule = Callable[[int], float]
 
@@ -177,8 +179,9 @@ class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
 
     def count_updates_externally(self) -> None:
         """Stop counting ``optimizer.step()`` calls; the caller reports each applied update through
-        ``record_update()``. For DeepSpeed ZeRO, which calls ``step()`` once per param group (ZeRO-1/2) or
-        sub-group (ZeRO-3) per update, and knows itself whether an update applied."""
+        ``record_update()``. The recipes do (adaptopt/training.py): they decide once per update whether it
+        applied, also under DeepSpeed ZeRO, which calls ``step()`` once per param group (ZeRO-1/2) or
+        sub-group (ZeRO-3) per update and whose engine knows whether an update applied."""
         self._hook.remove()
 
     def record_update(self) -> None:

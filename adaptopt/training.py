@@ -12,6 +12,11 @@ feature reaches every recipe at once. Usage::
     run.resume(checkpoint)
     results = run.fit(evaluate=lambda: {...}, primary_metric="accuracy")
     run.finish(run.summary(results, task="mrpc", ...), tokenizer)
+
+``fit`` reads as its parts: the batches of each epoch (``_epoch_batches``), one batch's forward, backward and
+step (``_train_step``), one update's bookkeeping (``_finish_update``: applied or skipped, decided once), and
+what runs every so many updates (``_after_update``: log, checkpoint, evaluation, preemption). The loss sums
+live in ``LossTotals`` and the training time in ``TrainClock``.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -31,14 +37,15 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import cli
-from .check import ConfigError, RecipeSettings, check_launch_env
 from .checkpointing import load_progress, resolve_resume, save_checkpoint
-from .distributed import DeepSpeedRun, fix_cpu_deepspeed_state
+from .config_check import ConfigError, RecipeSettings, check_launch_env
+from .deepspeed_run import DeepSpeedRun, fix_cpu_deepspeed_state
+from .divergence import DivergenceMonitor, TooManySkippedUpdates, update_applied
 from .memory import MemoryTracker, format_report, numel, peak_memory_mb
 from .models import ModelNotFoundError
+from .optim import AdaptOpt
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
 from .registry import SCHEDULE_FREE, run_hyperparameters
-from .skipped import TooManySkippedUpdates, UpdateMonitor
 
 logger = get_logger(__name__)
 
@@ -47,6 +54,69 @@ def parameter_counts(model) -> tuple[int, int]:
     """(total, trainable) parameter counts (full sizes also when ZeRO-3 partitioned the model at load)."""
     return (sum(numel(p) for p in model.parameters()),
             sum(numel(p) for p in model.parameters() if p.requires_grad))
+
+
+class TrainClock:
+    """Seconds spent training. Evaluations and checkpoints run with it paused, so that results.json's
+    train_time_s and samples/s measure the training steps alone."""
+
+    def __init__(self):
+        self.seconds, self._since = 0.0, None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    @contextmanager
+    def paused(self):
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
+
+
+class LossTotals:
+    """The training loss, summed for the two figures that report it.
+
+    - ``window_mean()``: this rank's mean since the last call, the ``train/loss`` of each log line.
+    - ``epoch_total()``: (sum, count) over the current epoch's batches on every rank, for results.json's
+      train_loss. A run resumed mid-epoch starts from the checkpoint's sum over all ranks (``restored``) and
+      adds this rank's batches since. That sum is kept in float64, where a sum of float32 losses is exact
+      unless they span many orders of magnitude, so the different order of the additions leaves the figure
+      as the uninterrupted run's. (MPS has no float64.)
+
+    The sums stay tensors: reading one (a device sync) happens only when a figure is written."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.epoch_dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.window_sum, self.window_count = 0.0, 0
+        self.start_epoch()
+
+    def start_epoch(self, restored: tuple[float, int] = (0.0, 0)) -> None:
+        self.epoch_sum, self.epoch_count, self.restored = 0.0, 0, restored
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window_sum, self.window_count = self.window_sum + loss.detach().float(), self.window_count + 1
+        self.epoch_sum = self.epoch_sum + loss.detach().to(self.epoch_dtype)
+        self.epoch_count += 1
+
+    def window_mean(self) -> float:
+        mean = float(self.window_sum) / self.window_count
+        self.window_sum, self.window_count = 0.0, 0
+        return mean
+
+    def epoch_total(self, accelerator) -> tuple[float, int]:
+        """Every rank must call it (a reduce)."""
+        local = torch.zeros(2, dtype=self.epoch_dtype, device=self.device)
+        local[0], local[1] = self.epoch_sum, self.epoch_count
+        total = accelerator.reduce(local, reduction="sum").tolist()
+        return self.restored[0] + total[0], self.restored[1] + round(total[1])
 
 
 class RecipeRun:
@@ -64,7 +134,7 @@ class RecipeRun:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
         args.mixed_precision = self.accelerator.mixed_precision
-        # Under DeepSpeed: who clips, and the JSON's "auto" clipping set to ours (adaptopt/distributed.py).
+        # Under DeepSpeed: who clips, and the JSON's "auto" clipping set to ours (adaptopt/deepspeed_run.py).
         self.ds_run = DeepSpeedRun.from_accelerator(self.accelerator, args.max_grad_norm or None, args.adaptive_clip)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                             level=logging.INFO)
@@ -78,16 +148,10 @@ class RecipeRun:
         set_seed(args.seed)
         self.completed_steps, self.start_epoch, self.batches_done = 0, 0, 0
         self.checkpoint: Path | None = None
-        self.train_time, self.samples_seen, self.last_train_loss = 0.0, 0, None
-        # The loss over the current epoch's batches, for results.json's train_loss: the last epoch's mean over
-        # every rank's batches. A run resumed mid-epoch starts from the checkpoint's sum over all ranks
-        # (epoch_loss_restored) and adds this rank's batches since (epoch_loss_sum). That sum is kept in float64,
-        # where a sum of float32 losses is exact unless they span many orders of magnitude, so the different order
-        # of the additions leaves the figure as the uninterrupted run's. (MPS has no float64.)
-        self.epoch_loss_sum, self.epoch_loss_count, self.epoch_loss_restored = 0.0, 0, (0.0, 0)
-        self.loss_sum_dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
-        self.final_train_loss: float | None = None
-        self.monitor = UpdateMonitor(args.max_consecutive_skipped_steps)
+        self.samples_seen, self.last_train_loss, self.final_train_loss = 0, None, None
+        self.clock = TrainClock()
+        self.losses = LossTotals(self.accelerator.device)
+        self.monitor = DivergenceMonitor(args.max_consecutive_skipped_steps)
 
     # -- building -------------------------------------------------------------------------------------
     def apply_lora(self, model, task_type: str):
@@ -123,8 +187,12 @@ class RecipeRun:
 
             check_optimizer_params(optimizer, model)
         scheduler = cli.scheduler_from_args(args, optimizer, args.max_train_steps)
+        # The schedule follows the one applied-or-skipped decision per update (_finish_update), not step() calls:
+        # set before prepare(), where DeepSpeed's fp16/bf16 wrappers call step() once to initialise.
+        scheduler.count_updates_externally()
+        self.lr_schedule = scheduler  # prepare() wraps it too
         if ds_run is not None:
-            ds_run.guard(optimizer, scheduler)
+            ds_run.guard(optimizer)
         self.train_examples = len(train_dl.dataset)
         self.model, self.optimizer, self.train_dl, self.scheduler, *eval_list = acc.prepare(
             model, optimizer, train_dl, scheduler, *eval_dls.values())
@@ -155,17 +223,115 @@ class RecipeRun:
             progress["completed_steps"], progress["epoch"], progress["batches_in_epoch"])
         # (a checkpoint written before these were saved restarts the sum: train_loss then covers the batches
         # after the resume)
-        self.epoch_loss_restored = (progress.get("epoch_loss_sum", 0.0), progress.get("epoch_loss_count", 0))
+        self.losses.start_epoch(restored=(progress.get("epoch_loss_sum", 0.0), progress.get("epoch_loss_count", 0)))
         logger.info(f"resumed from {checkpoint}: update {self.completed_steps}, epoch {self.start_epoch}, "
                     f"batch {self.batches_done}")
 
     # -- training -------------------------------------------------------------------------------------
-    def _epoch_loss(self) -> tuple[float, int]:
-        """(sum, count) of the loss over the current epoch's batches on every rank. Every rank must call it."""
-        local = torch.zeros(2, dtype=self.loss_sum_dtype, device=self.accelerator.device)
-        local[0], local[1] = self.epoch_loss_sum, self.epoch_loss_count
-        total = self.accelerator.reduce(local, reduction="sum").tolist()
-        return self.epoch_loss_restored[0] + total[0], self.epoch_loss_restored[1] + round(total[1])
+    def fit(self, evaluate: Callable[[], dict], primary_metric: str | None = None,
+            preemption: PreemptionSignal | None = None) -> dict:
+        """Trains for args.max_train_steps updates; returns the last evaluation's results.
+
+        ``evaluate()`` runs on every rank (with the model in eval mode and no grad) and returns the
+        metrics; it is called every --eval_steps updates, or at the end of each epoch.
+        Raises TooManySkippedUpdates and Preempted (main() turns them into exit codes)."""
+        args = self.args
+        logger.info(f"{self.train_examples} training examples, {self.num_epochs} epochs, {args.max_train_steps} "
+                    f"updates of {self.total_batch} examples; optimizer {args.optimizer}, schedule {args.lr_scheduler}")
+        self.checkpoint_every = None if args.checkpointing_steps in (None, "epoch") else int(args.checkpointing_steps)
+        self.progress_bar = tqdm(range(args.max_train_steps), initial=self.completed_steps,
+                                 disable=not self.accelerator.is_local_main_process)
+        self.model.train()
+        self._optimizer_mode("train")
+        self.results = {}  # the last evaluation's (_evaluate)
+        self.clock.start()
+        for epoch in range(self.start_epoch, self.num_epochs):
+            for batches_in_epoch, batch in self._epoch_batches(epoch):
+                if not self._train_step(batch):
+                    continue  # inside an accumulation cycle
+                self._after_update(epoch, batches_in_epoch, evaluate, primary_metric, preemption)
+                if self._done():
+                    break
+            self.clock.stop()
+            if not args.eval_steps or self._done():
+                self._evaluate(evaluate, primary_metric, epoch)
+            if args.checkpointing_steps == "epoch" and not self._done():
+                self._save(epoch + 1, 0)
+            if self._done():
+                break
+            self.clock.start()
+        self.progress_bar.close()
+        self._optimizer_mode("eval")  # the model that is saved and reported is the averaged one
+        loss_sum, loss_count = self.losses.epoch_total(self.accelerator)
+        self.final_train_loss = loss_sum / loss_count if loss_count else self.last_train_loss
+        return self.results
+
+    def _done(self) -> bool:
+        return self.completed_steps >= self.args.max_train_steps
+
+    def _every(self, updates: int | None) -> bool:
+        """True at every ``updates``-th update (never for None or 0)."""
+        return bool(updates) and self.completed_steps % updates == 0
+
+    def _epoch_batches(self, epoch: int):
+        """(batches of the epoch done once this one is, batch) for the epoch's batches. A resumed epoch starts
+        after the batches its checkpoint had done, with the loss sum the checkpoint restored."""
+        self.train_dl.set_epoch(epoch)
+        skip = self.batches_done if epoch == self.start_epoch else 0
+        if not skip:
+            self.losses.start_epoch()
+        active = self.accelerator.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
+        active.set_epoch(epoch)  # the skipping loader must replay this epoch's order, not epoch 0's
+        return enumerate(active, start=skip + 1)
+
+    def _train_step(self, batch: dict) -> bool:
+        """Forward, backward and optimizer step on one batch; True when the batch ended an update (the last
+        micro-batch of an accumulation cycle)."""
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            loss = self.model(**batch).loss
+            acc.backward(loss)  # under DeepSpeed the engine also steps here, at a boundary
+            self.optimizer.step()
+            if acc.sync_gradients:
+                self._finish_update()  # before scheduler.step(), which sets the next update's LR
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        self.samples_seen += batch["input_ids"].shape[0] * acc.num_processes
+        self.losses.add(loss)
+        return acc.sync_gradients
+
+    def _finish_update(self) -> None:
+        """One update's bookkeeping. Whether it was applied is decided here, once (adaptopt/divergence.py), from
+        DeepSpeed's engine or accelerate's GradScaler and from the optimizer's own clipper; the LR schedule, the
+        divergence monitor and the logs' train/skipped_updates all read this one answer."""
+        step_ran = self.ds_run.after_update() if self.ds_run is not None else not self.optimizer.step_was_skipped
+        applied = update_applied(step_ran, self.base_optimizer)
+        if applied:
+            self.lr_schedule.record_update()
+        # Raises after too many skipped updates in a row, before this update could be checkpointed.
+        self.monitor.update(applied)
+        self.completed_steps += 1
+        self.progress_bar.update(1)
+
+    def _after_update(self, epoch: int, batches_in_epoch: int, evaluate: Callable[[], dict],
+                      primary_metric: str | None, preemption: PreemptionSignal | None) -> None:
+        """What runs every so many updates: the log line, a checkpoint, an evaluation, and the stop that
+        SLURM's warning signal asks for."""
+        args = self.args
+        if self._every(args.logging_steps) or self._done():
+            self._log_train(self.losses.window_mean())
+        saved = self._every(self.checkpoint_every)
+        if saved:
+            with self.clock.paused():
+                self._save(epoch, batches_in_epoch)
+        if self._every(args.eval_steps) and not self._done():
+            with self.clock.paused():
+                self._evaluate(evaluate, primary_metric, epoch)
+        # SLURM's warning signal (adaptopt/preemption.py): all ranks save after this same update and stop
+        if preemption is not None and not self._done() and preemption.requested_everywhere(self.accelerator):
+            if not saved:
+                self._save(epoch, batches_in_epoch)
+            raise Preempted(self.completed_steps)
 
     def _optimizer_mode(self, mode: str) -> None:
         """Schedule-Free keeps two iterates: the parameters must hold the averaged one ("eval") whenever the
@@ -175,7 +341,7 @@ class RecipeRun:
             getattr(self.base_optimizer, mode)()
 
     def _save(self, epoch: int, batches_in_epoch: int) -> None:
-        loss_sum, loss_count = self._epoch_loss()
+        loss_sum, loss_count = self.losses.epoch_total(self.accelerator)
         self._optimizer_mode("eval")
         path = save_checkpoint(self.accelerator, self.args.output_dir, dict(
             completed_steps=self.completed_steps, epoch=epoch, batches_in_epoch=batches_in_epoch,
@@ -183,20 +349,19 @@ class RecipeRun:
         self._optimizer_mode("train")
         logger.info(f"checkpoint: {path}")
 
-    def _evaluate(self, evaluate: Callable[[], dict], primary_metric: str | None, epoch: int) -> dict:
+    def _evaluate(self, evaluate: Callable[[], dict], primary_metric: str | None, epoch: int) -> None:
         self.model.eval()
         self._optimizer_mode("eval")
         with torch.no_grad():
-            results = evaluate()
+            self.results = results = evaluate()
         self._optimizer_mode("train")
         self.model.train()
         logger.info(f"eval at update {self.completed_steps} (epoch {epoch}): {results}")
         if primary_metric is not None:  # the plateau schedule reacts to it (others ignore it)
-            self.scheduler.scheduler.observe(results[primary_metric])
+            self.lr_schedule.observe(results[primary_metric])
         if self.args.with_tracking:
             self.accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=self.completed_steps)
         self._append_log({f"eval/{k}": v for k, v in results.items()})
-        return results
 
     def _append_log(self, record: dict) -> None:
         """<output_dir>/train_log.jsonl: one line per log or eval, with no tracker needed (the study's
@@ -206,98 +371,16 @@ class RecipeRun:
             with open(Path(self.args.output_dir) / "train_log.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.completed_steps, **record}) + "\n")
 
-    def fit(self, evaluate: Callable[[], dict], primary_metric: str | None = None,
-            preemption: PreemptionSignal | None = None) -> dict:
-        """Trains for args.max_train_steps updates; returns the last evaluation's results.
-
-        ``evaluate()`` runs on every rank (with the model in eval mode and no grad) and returns the
-        metrics; it is called every --eval_steps updates, or at the end of each epoch.
-        Raises TooManySkippedUpdates and Preempted (main() turns them into exit codes)."""
-        args, acc, ds_run, model = self.args, self.accelerator, self.ds_run, self.model
-        optimizer, scheduler, clipper, monitor = self.optimizer, self.scheduler, self.clipper, self.monitor
-        logger.info(f"{self.train_examples} training examples, {self.num_epochs} epochs, {args.max_train_steps} "
-                    f"updates of {self.total_batch} examples; optimizer {args.optimizer}, schedule {args.lr_scheduler}")
-        checkpoint_every = None if args.checkpointing_steps in (None, "epoch") else int(args.checkpointing_steps)
-        progress_bar = tqdm(range(args.max_train_steps), initial=self.completed_steps,
-                            disable=not acc.is_local_main_process)
-        model.train()
-        self._optimizer_mode("train")
-        loss_sum, loss_count, results = 0.0, 0, {}
-        tick = time.perf_counter()
-        for epoch in range(self.start_epoch, self.num_epochs):
-            self.train_dl.set_epoch(epoch)
-            skip = self.batches_done if epoch == self.start_epoch else 0
-            if not skip:  # a new epoch; a resumed one goes on from the sum restored from its checkpoint
-                self.epoch_loss_sum, self.epoch_loss_count, self.epoch_loss_restored = 0.0, 0, (0.0, 0)
-            active = acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
-            active.set_epoch(epoch)  # the skipping loader must replay this epoch's order, not epoch 0's
-            batch_in_epoch = skip
-            for batch in active:
-                with acc.accumulate(model):
-                    loss = model(**batch).loss
-                    acc.backward(loss)  # under DeepSpeed the engine also steps here, at a boundary
-                    if ds_run is not None and acc.sync_gradients:
-                        ds_applied = ds_run.after_update()  # before scheduler.step(): it counts applied updates
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                batch_in_epoch += 1
-                self.samples_seen += batch["input_ids"].shape[0] * acc.num_processes
-                # a tensor sum: reading it (a device sync) happens only when a log line is written
-                loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
-                self.epoch_loss_sum = self.epoch_loss_sum + loss.detach().to(self.loss_sum_dtype)
-                self.epoch_loss_count += 1
-                if not acc.sync_gradients:
-                    continue
-                # Raises after too many skipped updates in a row, before this update could be checkpointed.
-                monitor.update(applied=ds_applied if ds_run is not None else not (
-                    optimizer.step_was_skipped or (clipper is not None and not clipper.last_finite)))
-                self.completed_steps += 1
-                progress_bar.update(1)
-                done = self.completed_steps >= args.max_train_steps
-                if self.completed_steps % args.logging_steps == 0 or done:
-                    self._log_train(float(loss_sum) / loss_count, progress_bar)
-                    loss_sum, loss_count = 0.0, 0
-                if checkpoint_every and self.completed_steps % checkpoint_every == 0:
-                    self.train_time += time.perf_counter() - tick
-                    self._save(epoch, batch_in_epoch)
-                    tick = time.perf_counter()
-                if args.eval_steps and self.completed_steps % args.eval_steps == 0 and not done:
-                    self.train_time += time.perf_counter() - tick
-                    results = self._evaluate(evaluate, primary_metric, epoch)
-                    tick = time.perf_counter()
-                # SLURM's warning signal (adaptopt/preemption.py): all ranks save after this same update and stop
-                if preemption is not None and not done and preemption.requested_everywhere(acc):
-                    if not (checkpoint_every and self.completed_steps % checkpoint_every == 0):  # not saved just now
-                        self._save(epoch, batch_in_epoch)
-                    raise Preempted(self.completed_steps)
-                if done:
-                    break
-            self.train_time += time.perf_counter() - tick
-            done = self.completed_steps >= args.max_train_steps
-            if not args.eval_steps or done:
-                results = self._evaluate(evaluate, primary_metric, epoch)
-            if args.checkpointing_steps == "epoch" and not done:
-                self._save(epoch + 1, 0)
-            tick = time.perf_counter()
-            if done:
-                break
-        progress_bar.close()
-        self._optimizer_mode("eval")  # the model that is saved and reported is the averaged one
-        loss_sum, loss_count = self._epoch_loss()
-        self.final_train_loss = loss_sum / loss_count if loss_count else self.last_train_loss
-        return results
-
-    def _log_train(self, mean_loss: float, progress_bar) -> None:
+    def _log_train(self, mean_loss: float) -> None:
         stats = {"train/loss": mean_loss, "train/lr": cli.effective_lr(self.base_optimizer)}
         if self.clipper is not None:
             stats.update({"train/grad_norm": self.clipper.last_norm, "train/skipped_updates": self.monitor.skipped})
         group = self.base_optimizer.param_groups[0]
-        if self.args.optimizer == "adaptopt":
+        if isinstance(self.base_optimizer, AdaptOpt):
             stats.update({"train/lr_scale": group["lr_scale"], "train/beta1": self.base_optimizer.current_beta1(group)})
         elif "d" in group:  # Prodigy, D-Adaptation: the step size they estimated
             stats["train/d"] = group["d"]
-        progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats['train/lr']:.2e}")
+        self.progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats['train/lr']:.2e}")
         if self.args.with_tracking:
             self.accelerator.log(stats, step=self.completed_steps)
         self._append_log(stats)
@@ -318,9 +401,9 @@ class RecipeRun:
             # mean over the last epoch's batches on every rank, not over the last logging window, which at the
             # end of an epoch can be one short batch
             train_loss=self.final_train_loss,
-            train_time_s=self.train_time,
+            train_time_s=self.clock.seconds,
             # samples/s over the updates this process ran (a resumed run counts only its own part)
-            train_samples_per_second=self.samples_seen / self.train_time if self.train_time > 0 else None,
+            train_samples_per_second=self.samples_seen / self.clock.seconds if self.clock.seconds > 0 else None,
             train_samples=self.train_examples,
             total_batch_size=self.total_batch, num_processes=acc.num_processes,
             mixed_precision=acc.mixed_precision, peak_memory_mb=peak_memory_mb(acc.device),

@@ -9,7 +9,7 @@ test-v1.1-part.json train (24 articles, 1,154 paragraphs) and those of dev-v1.1-
 other 24 articles, 913 paragraphs: no article is in both). The script writes them to
 <output_dir>/data/{train,valid}.jsonl and runs, for each optimizer, the real recipe:
 
-    accelerate launch --num_processes 1 --num_cpu_threads_per_process 2 recipes/clm.py \\
+    accelerate launch --num_cpu_threads_per_process 2 --num_processes 1 recipes/clm.py \\
         --config_name gpt2-mini --train_file train.jsonl --validation_file valid.jsonl --block_size 128 \\
         --optimizer {adaptopt,adamw} --learning_rate 1e-3 --max_train_steps 300 ...
 
@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing: the repository's adaptopt
+
+from adaptopt.launch import launcher_args, run_recipe  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,25 +65,21 @@ def write_contexts(squad_dir: Path, out: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def run_recipe(args, optimizer: str, train: Path, valid: Path) -> dict:
+def run_optimizer(args, optimizer: str, train: Path, valid: Path) -> dict:
     out = Path(args.output_dir) / optimizer
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--num_cpu_threads_per_process", str(args.threads), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "recipes" / "clm.py"), "--config_name", args.config_name, "--train_file", str(train),
-           "--validation_file", str(valid), "--block_size", str(args.block_size), "--optimizer", optimizer,
-           "--learning_rate", str(args.learning_rate), "--max_train_steps", str(args.max_train_steps),
-           "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--eval_steps", str(args.eval_steps),
-           "--logging_steps", str(args.logging_steps), "--seed", str(args.seed), "--output_dir", str(out)]
+    recipe_args = ["--config_name", args.config_name, "--train_file", str(train), "--validation_file", str(valid),
+                   "--block_size", str(args.block_size), "--optimizer", optimizer,
+                   "--learning_rate", str(args.learning_rate), "--max_train_steps", str(args.max_train_steps),
+                   "--per_device_train_batch_size", str(args.per_device_train_batch_size),
+                   "--eval_steps", str(args.eval_steps), "--logging_steps", str(args.logging_steps),
+                   "--seed", str(args.seed), "--output_dir", str(out)]
     if args.max_eval_samples:
-        cmd += ["--max_eval_samples", str(args.max_eval_samples)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        recipe_args += ["--max_eval_samples", str(args.max_eval_samples)]
+    env = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "launch.log", "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    if code != 0:
-        tail = "\n".join((out / "launch.log").read_text().splitlines()[-30:])
-        raise SystemExit(f"{optimizer} failed (exit {code}); {out / 'launch.log'}:\n{tail}")
+    run_recipe(launcher_args(), REPO / "recipes" / "clm.py", recipe_args, threads=args.threads, env=env,
+               log=out / "launch.log")  # raises RecipeFailed with the log's last lines
     results = json.loads((out / "results.json").read_text())
     results["wall_s"] = time.perf_counter() - start
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -99,7 +96,7 @@ def main(argv=None) -> None:
     runs = {}
     for optimizer in args.optimizers:
         print(f"[{time.strftime('%H:%M:%S')}] {optimizer}: {args.max_train_steps} updates ...", flush=True)
-        runs[optimizer] = run_recipe(args, optimizer, train, valid)
+        runs[optimizer] = run_optimizer(args, optimizer, train, valid)
     first = next(iter(runs.values()))
     print(f"\n{args.config_name}: {first['parameters']:,} parameters, {first['train_blocks']} training and "
           f"{first['eval_blocks']} validation blocks of {first['block_size']} tokens; {args.max_train_steps} updates "

@@ -4,20 +4,23 @@ dev metrics, updates, wall time and samples/s, with the exact command of every r
     HF_HUB_OFFLINE=1 python benchmarks/glue_dev.py --data_dir ../shared/data/glue --out runs/glue_dev
 
 Each task runs once (seed 42, batch 32, max_length 128, --epochs epochs (3 by default), fp32, one
-process) through `accelerate launch`; finished tasks (results.json present) are not rerun, so the script can be
-restarted after an interruption. Prints a Markdown table to paste into docs/results.md.
+process with --threads CPU threads, 1 by default, as every run in docs/results.md had) through adaptopt.launch;
+finished tasks (results.json present) are not rerun, so the script can be restarted after an interruption.
+Prints a Markdown table to paste into docs/results.md, with the exact command of every run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing: the repository's adaptopt
+
+from adaptopt.launch import command_line, launcher_args, recipe_command, run_recipe  # noqa: E402
+
 # task -> the metric the issue sets a target on, that target, and extra recipe arguments
 TASKS = {
     "sst2": dict(metric="accuracy", target=0.89, extra=["--max_train_samples", "20000"]),
@@ -28,11 +31,10 @@ TASKS = {
 }
 
 
-def command(task: str, args, out: Path) -> list[str]:
-    return ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "recipes/glue.py", "--task_name", task, "--data_dir", args.data_dir,
-            "--output_dir", str(out), "--optimizer", args.optimizer, "--seed", "42",
-            "--per_device_train_batch_size", "32", "--max_length", "128", "--num_train_epochs", str(args.epochs),
+def recipe_args(task: str, args, out: Path) -> list[str]:
+    return ["--task_name", task, "--data_dir", args.data_dir, "--output_dir", str(out), "--optimizer", args.optimizer,
+            "--seed", "42", "--per_device_train_batch_size", "32", "--max_length", "128",
+            "--num_train_epochs", str(args.epochs),
             *(["--learning_rate", str(args.learning_rate)] if args.learning_rate else []),
             *TASKS[task]["extra"], *args.extra]
 
@@ -45,6 +47,7 @@ def main():
     parser.add_argument("--optimizer", default="adaptopt")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs per task")
     parser.add_argument("--learning_rate", type=float, default=None, help="default: the optimizer's default")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of the training process")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more recipe arguments")
     args = parser.parse_args()
     if not args.data_dir:
@@ -53,20 +56,20 @@ def main():
     rows = []
     for task in args.tasks:
         out = Path(args.out) / task
-        cmd = command(task, args, out)
+        launch = (launcher_args(), "recipes/glue.py", recipe_args(task, args, out))
+        shown = command_line(recipe_command(*launch, threads=args.threads)[0])
         if not (out / "results.json").is_file():
-            print(f"running {task}: {shlex.join(cmd)}", flush=True)
+            print(f"running {task}: {shown}", flush=True)
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            with open(Path(args.out) / f"{task}.log", "w") as log:
-                subprocess.run(cmd, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            run_recipe(*launch, threads=args.threads, env=dict(HF_HUB_OFFLINE="1"), cwd=REPO,
+                       log=Path(args.out) / f"{task}.log")
         r = json.loads((out / "results.json").read_text())
         spec = TASKS[task]
         value = r[spec["metric"]]
         others = ", ".join(f"{k} {r[k] * 100:.1f}" for k in ("accuracy", "f1", "spearmanr") if k in r and k != spec["metric"])
         rows.append(f"| {task} | {spec['metric']} **{value * 100:.1f}** ({others}) | {spec['target'] * 100:.0f} | "
                     f"{'yes' if value >= spec['target'] else 'no'} | {r['train_samples']} | {r['completed_steps']} | "
-                    f"{r['train_time_s'] / 60:.1f} | {r['train_samples_per_second']:.1f} | `{shlex.join(cmd)}` |")
+                    f"{r['train_time_s'] / 60:.1f} | {r['train_samples_per_second']:.1f} | `{shown}` |")
     print("| task | dev metric (others) | target | met | train examples | updates | train min | samples/s | command |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))

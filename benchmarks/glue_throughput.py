@@ -38,6 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from adaptopt.launch import launcher_args, run_recipe  # noqa: E402
+
 
 def hf_trainer_samples_per_second(args) -> float:
     import torch
@@ -69,29 +71,25 @@ def hf_trainer_samples_per_second(args) -> float:
 
 
 def recipe_samples_per_second(args, optimizer: str, extra: list[str]) -> float:
-    with tempfile.TemporaryDirectory() as out:
-        # accelerate launch runs a non --cpu process with OMP_NUM_THREADS=1 unless told otherwise; the
-        # Trainer above ran with torch's default thread count, so the recipe gets the same.
-        import torch
+    import torch
 
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--num_cpu_threads_per_process", str(torch.get_num_threads()),
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "recipes" / "glue.py"),
-               "--task_name", "sst2", "--data_dir", args.data_dir, "--output_dir", out, "--optimizer", optimizer,
-               "--max_train_samples", str(args.train_samples), "--max_train_steps", str(args.steps),
-               "--per_device_train_batch_size", str(args.batch_size), "--max_length", str(args.max_length),
-               "--seed", str(args.seed), "--max_eval_samples", "64", "--logging_steps", "50", *extra]
+    with tempfile.TemporaryDirectory() as out:
+        recipe_args = ["--task_name", "sst2", "--data_dir", args.data_dir, "--output_dir", out,
+                       "--optimizer", optimizer, "--max_train_samples", str(args.train_samples),
+                       "--max_train_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
+                       "--max_length", str(args.max_length), "--seed", str(args.seed), "--max_eval_samples", "64",
+                       "--logging_steps", "50", *extra]
         if args.model_name_or_path:
-            cmd += ["--model_name_or_path", args.model_name_or_path]
-        proc = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"recipe run failed ({optimizer}):\n{proc.stderr[-4000:]}")
+            recipe_args += ["--model_name_or_path", args.model_name_or_path]
+        # the Trainer above ran with torch's default thread count: the recipe gets the same
+        run_recipe(launcher_args(), REPO / "recipes" / "glue.py", recipe_args, threads=torch.get_num_threads(),
+                   env=dict(HF_HUB_OFFLINE="1"))
         return json.loads((Path(out) / "results.json").read_text())["train_samples_per_second"]
 
 
 def compile_probe_seconds(threads: int) -> float:
     """Wall time of adaptopt's compiled-update check in a fresh process (inductor's disk cache warm, as in
-    the recipe runs). The recipe runs this check while it sets up (cli._use_fused), before its training
+    the recipe runs). The recipe runs this check while it sets up (cli.impl_arguments), before its training
     loop, and the check compiles the graph the first update then reuses: that compile is no longer inside
     the measured loop, so the script also reports the recipe with this time added to its loop."""
     code = ("import time, torch; torch.set_num_threads(%d); from adaptopt.functional import compiled_update_unavailable; "

@@ -6,7 +6,8 @@ trainable parameters, memory and time.
 
 For each mode, one process runs
 
-    accelerate launch --num_processes 1 recipes/glue.py --task_name mrpc --data_dir $GLUE_DIR --optimizer adaptopt \\
+    accelerate launch --num_cpu_threads_per_process 2 --num_processes 1 recipes/glue.py --task_name mrpc \\
+        --data_dir $GLUE_DIR --optimizer adaptopt \\
         --learning_rate LR [--lora --lora_r 8] --seed 42 --output_dir <output_dir>/<mode>
 
 with the embedded all-MiniLM-L6-v2 (22.7M parameters). LoRA (adaptopt/lora.py): rank 8 on the attention
@@ -22,12 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing: the repository's adaptopt
+
+from adaptopt.launch import launcher_args, run_recipe  # noqa: E402
+
 MIB = 2**20
 
 
@@ -53,21 +57,16 @@ def run_mode(args, mode: str) -> dict:
     out = Path(args.output_dir) / mode
     out.mkdir(parents=True, exist_ok=True)
     lr = args.lora_learning_rate if mode == "lora" else args.full_learning_rate
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--num_cpu_threads_per_process", str(args.threads), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "recipes" / "glue.py"), "--task_name", args.task_name, "--data_dir", args.data_dir,
-           "--optimizer", args.optimizer, "--learning_rate", str(lr), "--num_train_epochs", str(args.num_train_epochs),
-           "--seed", str(args.seed), "--output_dir", str(out)]
+    recipe_args = ["--task_name", args.task_name, "--data_dir", args.data_dir, "--optimizer", args.optimizer,
+                   "--learning_rate", str(lr), "--num_train_epochs", str(args.num_train_epochs),
+                   "--seed", str(args.seed), "--output_dir", str(out)]
     if args.max_train_steps:
-        cmd += ["--max_train_steps", str(args.max_train_steps)]
+        recipe_args += ["--max_train_steps", str(args.max_train_steps)]
     if mode == "lora":
-        cmd += ["--lora", "--lora_r", str(args.lora_r)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with open(out / "launch.log", "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    if code != 0:
-        tail = "\n".join((out / "launch.log").read_text().splitlines()[-30:])
-        raise SystemExit(f"{mode} failed (exit {code}); {out / 'launch.log'}:\n{tail}")
+        recipe_args += ["--lora", "--lora_r", str(args.lora_r)]
+    env = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run_recipe(launcher_args(), REPO / "recipes" / "glue.py", recipe_args, threads=args.threads, env=env,
+               log=out / "launch.log")  # raises RecipeFailed with the log's last lines
     results = json.loads((out / "results.json").read_text())
     results["learning_rate"] = lr
     return results

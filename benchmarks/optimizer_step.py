@@ -12,12 +12,12 @@ rounds after ``--warmup`` untimed rounds (the warmup also compiles the torch.com
 
 Rows:
 - AdaptOpt with its defaults (the Mechanic learned LR scale, adaptive momentum, clipping at
-  max_grad_norm=1.0) in each implementation: single-tensor loop, torch._foreach_*, and fused
+  max_grad_norm=1.0) in each implementation: single-tensor loop, torch._foreach_*, and compiled
   (torch.compile-d single pass);
-- AdaptOpt fused with the hypergradient LR rule (the default before Mechanic): the Mechanic kernel reads
+- AdaptOpt compiled with the hypergradient LR rule (the default before Mechanic): the Mechanic kernel reads
   one tensor more (the start x0) and reduces four more sums; the script prints the ratio of the two;
-- AdaptOpt fused with the adaptive parts on but no clipping (max_grad_norm=None): what clipping costs;
-- AdaptOpt fused with the adaptive parts and clipping off (the same math as AdamW);
+- AdaptOpt compiled with the adaptive parts on but no clipping (max_grad_norm=None): what clipping costs;
+- AdaptOpt compiled with the adaptive parts and clipping off (the same math as AdamW);
 - torch.optim.AdamW(foreach=True), torch.optim.AdamW(fused=True);
 - DeepSpeedCPUAdam (C++/AVX, JIT-compiled on first use, ~60 s, cached in ~/.cache/torch_extensions);
 - DeepSpeedCPUAdam after torch's clip_grad_norm_ at 1.0: DeepSpeedCPUAdam itself does not clip, so this
@@ -29,7 +29,7 @@ Rows:
   moved, no destination that is only written) and prints the floor that bandwidth would give.
 
 Every row uses lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01 on one param group. The last
-line gives AdaptOpt (fused, adaptive on) as a ratio to DeepSpeedCPUAdam.
+line gives AdaptOpt (compiled, adaptive on) as a ratio to DeepSpeedCPUAdam.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptopt import AdaptOpt  # noqa: E402
 
 HYPER = dict(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # AdaptOpt's defaults
-TARGET = "AdaptOpt fused, adaptive on"
-HYPERGRADIENT = "AdaptOpt fused, hypergradient rule"
+TARGET = "AdaptOpt compiled, adaptive on"
+HYPERGRADIENT = "AdaptOpt compiled, hypergradient rule"
 MECHANIC_OVERHEAD_TARGET = 1.10  # the Mechanic kernel may cost at most 10% more than the hypergradient one
 DEEPSPEED = "DeepSpeedCPUAdam"
 DEEPSPEED_CLIP = "DeepSpeedCPUAdam + clip_grad_norm_"
@@ -101,13 +101,13 @@ def optimizer_makers(skip_deepspeed: bool) -> dict:
     makers = {
         "AdaptOpt single-tensor, adaptive on": lambda ps: AdaptOpt(ps, foreach=False, **HYPER),
         "AdaptOpt foreach, adaptive on": lambda ps: AdaptOpt(ps, foreach=True, **HYPER),
-        TARGET: lambda ps: AdaptOpt(ps, fused=True, **HYPER),
-        HYPERGRADIENT: lambda ps: AdaptOpt(ps, fused=True, adaptive_lr="hypergradient", **HYPER),
+        TARGET: lambda ps: AdaptOpt(ps, compiled=True, **HYPER),
+        HYPERGRADIENT: lambda ps: AdaptOpt(ps, compiled=True, adaptive_lr="hypergradient", **HYPER),
         # Diagnostics: the same step without clipping, and without the adaptive parts either.
-        "AdaptOpt fused, adaptive on, no clip": lambda ps: AdaptOpt(
-            ps, fused=True, max_grad_norm=None, **HYPER),
-        "AdaptOpt fused, adaptive off": lambda ps: AdaptOpt(
-            ps, fused=True, adaptive_lr=None, adaptive_momentum=False, max_grad_norm=None, **HYPER),
+        "AdaptOpt compiled, adaptive on, no clip": lambda ps: AdaptOpt(
+            ps, compiled=True, max_grad_norm=None, **HYPER),
+        "AdaptOpt compiled, adaptive off": lambda ps: AdaptOpt(
+            ps, compiled=True, adaptive_lr=None, adaptive_momentum=False, max_grad_norm=None, **HYPER),
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER),
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER),
     }
@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
     }
     mechanic = median[TARGET] / median[HYPERGRADIENT]
     result.update(mechanic_over_hypergradient=mechanic)
-    print(f"AdaptOpt fused: Mechanic (default) / hypergradient rule = {mechanic:.3f}x "
+    print(f"AdaptOpt compiled: Mechanic (default) / hypergradient rule = {mechanic:.3f}x "
           f"(target <= {MECHANIC_OVERHEAD_TARGET:.2f}x: {'met' if mechanic <= MECHANIC_OVERHEAD_TARGET else 'NOT met'})")
     if ds:
         ratio = median[TARGET] / ds
@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
         noisy = [] if few else [name for name in (TARGET, DEEPSPEED, FLOOR)
                                 if quartile_ratio(times[name]) > NOISY_QUARTILES]
         trustworthy = ds <= 3 * median[FLOOR] and not noisy and not few
-        result.update(adaptopt_fused_over_deepspeed=ratio, trustworthy=trustworthy)
+        result.update(adaptopt_compiled_over_deepspeed=ratio, trustworthy=trustworthy)
         if trustworthy:
             verdict = "met" if ratio <= 1.25 else "NOT met"
         elif few:
@@ -234,14 +234,14 @@ def main(argv=None) -> dict:
         else:
             verdict = (f"not judged: DeepSpeedCPUAdam took {ds / median[FLOOR]:.1f}x the bandwidth floor, "
                        f"so the timings are dominated by something other than the update (try --threads 1)")
-        print(f"target: AdaptOpt fused (adaptive on) within 1.25x of DeepSpeedCPUAdam: {verdict}")
+        print(f"target: AdaptOpt compiled (adaptive on) within 1.25x of DeepSpeedCPUAdam: {verdict}")
         if DEEPSPEED_CLIP in median:  # context, not the target: both steps clip here
             clipped = median[TARGET] / median[DEEPSPEED_CLIP]
-            result.update(adaptopt_fused_over_deepspeed_with_clipping=clipped)
-            print(f"(context: AdaptOpt (fused, adaptive on) / ({DEEPSPEED_CLIP}) = {clipped:.3f}x)")
-        print(f"AdaptOpt (fused, adaptive on) / DeepSpeedCPUAdam = {ratio:.3f}x")
+            result.update(adaptopt_compiled_over_deepspeed_with_clipping=clipped)
+            print(f"(context: AdaptOpt (compiled, adaptive on) / ({DEEPSPEED_CLIP}) = {clipped:.3f}x)")
+        print(f"AdaptOpt (compiled, adaptive on) / DeepSpeedCPUAdam = {ratio:.3f}x")
     else:
-        print("AdaptOpt (fused, adaptive on) / DeepSpeedCPUAdam = n/a (DeepSpeedCPUAdam skipped)")
+        print("AdaptOpt (compiled, adaptive on) / DeepSpeedCPUAdam = n/a (DeepSpeedCPUAdam skipped)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -10,27 +10,26 @@ official training set (87.6k questions) is not available, so the scores are thos
 6% of it and are not comparable with published SQuAD numbers.
 
 Each optimizer runs once (seed 42, batch 32, 384-token windows with a stride of 128, 2 epochs, fp32, one
-process with all cores) through launch/run.py; finished runs (results.json present) are not rerun, so
-the script can be restarted after an interruption. Prints a Markdown table to paste into docs/results.md.
+process with all cores unless --threads says otherwise) through adaptopt.launch; finished runs (results.json
+present) are not rerun, so the script can be restarted after an interruption. Prints a Markdown table to paste
+into docs/results.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing: the repository's adaptopt
+
+from adaptopt.launch import command_line, launcher_args, recipe_command, run_recipe  # noqa: E402
 
 
-def command(optimizer: str, args, out: Path) -> list[str]:
-    # launch/run.py gives a CPU process all cores (plain `accelerate launch` would give it one thread)
-    return [sys.executable, "launch/run.py", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "recipes/squad.py",
-            "--train_file", str(Path(args.squad_dir) / "test-v1.1-part.json"),
+def recipe_args(optimizer: str, args, out: Path) -> list[str]:
+    return ["--train_file", str(Path(args.squad_dir) / "test-v1.1-part.json"),
             "--validation_file", str(Path(args.squad_dir) / "dev-v1.1-part.json"),
             "--output_dir", str(out), "--optimizer", optimizer, "--seed", "42", "--per_device_train_batch_size", "32",
             "--max_seq_length", str(args.max_seq_length), "--doc_stride", str(args.doc_stride),
@@ -48,6 +47,8 @@ def main():
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--max_seq_length", type=int, default=384)
     parser.add_argument("--doc_stride", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of the training process (default: all cores, adaptopt.launch's policy)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more recipe arguments")
     args = parser.parse_args()
     if not (Path(args.squad_dir) / "dev-v1.1-part.json").is_file():
@@ -56,20 +57,20 @@ def main():
     rows = []
     for optimizer in args.optimizers:
         out = Path(args.out) / optimizer
-        cmd = command(optimizer, args, out)
+        launch = (launcher_args(), "recipes/squad.py", recipe_args(optimizer, args, out))
+        shown = command_line(recipe_command(*launch, threads=args.threads)[0])
         if not (out / "results.json").is_file():
-            print(f"running {optimizer}: {shlex.join(cmd)}", flush=True)
+            print(f"running {optimizer}: {shown}", flush=True)
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            with open(Path(args.out) / f"{optimizer}.log", "w") as log:
-                subprocess.run(cmd, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+            run_recipe(*launch, threads=args.threads, env=dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+                       cwd=REPO, log=Path(args.out) / f"{optimizer}.log")
         r = json.loads((out / "results.json").read_text())
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         per_epoch = " / ".join(f"{e['eval/f1']:.1f}" for e in log if "eval/f1" in e)
         rows.append(f"| {optimizer} | **{r['exact_match']:.1f}** | **{r['f1']:.1f}** | {per_epoch} | "
                     f"{r['train_questions']} ({r['train_samples']} windows) | {r['completed_steps']} | "
                     f"{r['train_time_s'] / 60:.1f} | {r['train_samples_per_second']:.1f} | "
-                    f"{r['peak_memory_mb'] / 1024:.1f} GB | `{shlex.join(cmd[1:])}` |")
+                    f"{r['peak_memory_mb'] / 1024:.1f} GB | `{shown}` |")
     print("| optimizer | EM | F1 | F1 per evaluation | train questions | updates | train min | windows/s | peak RSS "
           "| command |")
     print("|---|---|---|---|---|---|---|---|---|---|")

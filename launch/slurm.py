@@ -44,6 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable as a plain script from a checkout: the repository's adaptopt
+
+from adaptopt.launch import split_command  # noqa: E402
+
 SINGLE_NODE_CONFIG = REPO / "launch" / "ddp_single_node.yaml"
 MULTI_NODE_CONFIG = REPO / "launch" / "deepspeed_multi_node.yaml"
 PORT_BASE, PORT_SPAN = 10000, 20000
@@ -199,21 +203,16 @@ def plan_from_env(env: dict, gpus_per_node: int | None = None, main_process_port
                       machine_rank=machine_rank, main_process_ip=host, main_process_port=main_process_port)
 
 
-def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
-    """(options before the recipe, the recipe, the recipe's arguments); the recipe is the first ``*.py``."""
-    for i, arg in enumerate(argv):
-        if arg.endswith(".py") and not arg.startswith("-"):
-            return argv[:i], arg, argv[i + 1:]
-    raise SystemExit("error: no recipe given (the first argument ending in .py, e.g. recipes/glue.py)")
-
-
 def _has_option(args: list[str], name: str) -> bool:
     return any(a == name or a.startswith(name + "=") for a in args)
 
 
 def build_command(argv: list[str], env: dict, use_scontrol: bool = True) -> tuple[list[str], bool]:
     """The full ``python launch/run.py ...`` command for this task, and whether to only print it."""
-    before, recipe, recipe_args = split_argv(argv)
+    try:
+        before, recipe, recipe_args = split_command(argv)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     parser = argparse.ArgumentParser(prog="launch/slurm.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus_per_node", type=int, default=None,

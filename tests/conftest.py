@@ -1,10 +1,10 @@
 """Shared fixtures: the real GLUE and SQuAD files, a tiny randomly initialised BERT, and a recipe launcher."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from adaptopt.launch import launcher_args, run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,34 +49,15 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 def launch(script: str, args: list[str], *, processes: int = 1, timeout: int = 600, env: dict | None = None,
            mixed_precision: str = "no", ds_config: str | None = None, check: bool = True):
-    """Runs ``accelerate launch`` on a recipe as a user would; returns the CompletedProcess.
+    """Runs a recipe through adaptopt.launch, as launch/run.py does for a user, one thread per process (the
+    tests run beside each other on few cores); returns the CompletedProcess (output captured).
 
-    ``ds_config``: a file in ds_configs/, launched through launch/deepspeed_single_node.yaml.
+    ``ds_config``: a file in ds_configs/ (or a path), launched through launch/deepspeed_single_node.yaml.
     """
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    run_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    if ds_config is not None:
-        cmd += ["--config_file", str(REPO / "launch" / "deepspeed_single_node.yaml"),
-                "--deepspeed_config_file", str(REPO / "ds_configs" / ds_config),
-                "--num_processes", str(processes), "--main_process_port", str(_free_port())]
-        if mixed_precision != "no":
-            cmd += ["--mixed_precision", mixed_precision]
-        cmd += [str(REPO / script), *args]
-        return _run(cmd, run_env, timeout, check)
-    if processes > 1:  # CPU DDP over gloo (ENVIRONMENT.md: --cpu starts only one process)
-        cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
-        run_env["ACCELERATE_USE_CPU"] = "true"
-    else:
-        cmd += ["--num_processes", "1", "--cpu"]
-    cmd += ["--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(REPO / script), *args]
-    return _run(cmd, run_env, timeout, check)
-
-
-def _run(cmd, env, timeout, check):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return proc
+    launcher = launcher_args(processes=processes, mixed_precision=mixed_precision,
+                             deepspeed_config=None if ds_config is None else REPO / "ds_configs" / ds_config,
+                             main_process_port=_free_port() if processes > 1 or ds_config else None)
+    return run_recipe(launcher, REPO / script, args, threads=1, env=env, timeout=timeout, check=check)
 
 
 def _free_port() -> int:
@@ -85,3 +66,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# tests/test_study.py's end-to-end tests run a whole study through accelerate launch (those on its `tiny_study`
+# fixture, and the stop-and-resume test): the slow tier. Marked here by what they run, so that the study's test
+# file carries only the study's tests; its statistics, config and runner tests stay in the fast tier.
+STUDY_END_TO_END = {"test_a_study_stopped_mid_run_kills_the_run_and_resumes_it"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tiny_study" in getattr(item, "fixturenames", ()) or getattr(item, "originalname", "") in STUDY_END_TO_END:
+            item.add_marker(pytest.mark.slow)

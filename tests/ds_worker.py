@@ -6,8 +6,9 @@ For every case it writes one JSON line to the output file (rank 0): the largest 
 to the single-process run, the final-loss difference, the largest difference between the engine's
 logged pre-clip norm and the true global norm, and the step counts. The test judges them.
 
-The glue is the recipes' own: adaptopt.distributed.DeepSpeedRun fills the clipping, decides who clips,
-gives AdaptOpt a reduce_fn under ZeRO and counts applied updates for the schedule.
+The glue is the recipes' own: adaptopt.deepspeed_run.DeepSpeedRun fills the clipping, decides who clips and
+gives AdaptOpt a reduce_fn under ZeRO; adaptopt.divergence.update_applied tells the schedule and the skip
+counter which updates applied, as in adaptopt/training.py.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 
 from adaptopt import build_optimizer, build_scheduler  # noqa: E402
-from adaptopt.distributed import DeepSpeedRun  # noqa: E402
-from adaptopt.skipped import UpdateMonitor  # noqa: E402
+from adaptopt.deepspeed_run import DeepSpeedRun  # noqa: E402
+from adaptopt.divergence import DivergenceMonitor, update_applied  # noqa: E402
 
 MICRO, D_IN, D_OUT, STEPS, LR, CLIP = 4, 16, 4, 5, 1e-2, 0.5
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,18 +99,19 @@ def reference(opt_name: str, steps: int, adaptive_clip: bool, skip_step: int | N
 
 
 def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, adaptive_clip: bool,
-                  skip_step: int | None, rule: dict, fused: bool = False):
+                  skip_step: int | None, rule: dict, impl: dict):
     rank = dist.get_rank()
     config = ds_config(config_name, precision)
     model = make_model()
     run = DeepSpeedRun(config, CLIP, adaptive_clip)
     optimizer = build(opt_name, model, max_grad_norm=CLIP if run.optimizer_clips else None,
-                      adaptive_clip=adaptive_clip and run.optimizer_clips, **rule, **({"fused": True} if fused else {}))
+                      adaptive_clip=adaptive_clip and run.optimizer_clips, **rule, **impl)
     scheduler = build_scheduler(optimizer, "linear", total_steps=steps, warmup_steps=2)
-    run.guard(optimizer, scheduler)
+    scheduler.count_updates_externally()  # ZeRO calls step() per group: the schedule counts update_applied's answers
+    run.guard(optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     run.attach(engine, optimizer)
-    monitor = UpdateMonitor(max_consecutive=10**9)  # the recipes' skip counter
+    monitor = DivergenceMonitor(max_consecutive=10**9)  # the recipes' skip counter
     dtype = PRECISION_DTYPE[precision]
     x, y, x_eval, y_eval = make_data(steps)
     rows = slice(rank * MICRO, (rank + 1) * MICRO)
@@ -120,7 +122,10 @@ def deepspeed_run(opt_name: str, config_name: str, precision: str, steps: int, a
             loss = loss * float("inf")  # an overflow, as fp16 produces one
         engine.backward(loss)
         engine.step()
-        monitor.update(applied=run.after_update())
+        applied = update_applied(run.after_update(), optimizer)
+        if applied:
+            scheduler.record_update()
+        monitor.update(applied)
         scheduler.step()
         norms.append(run.grad_clipper.last_norm)
     with torch.no_grad():
@@ -143,14 +148,15 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     out = open(args.out, "w") if dist.get_rank() == 0 else None
     for opt_name, config_name, precision, extra in json.loads(args.cases):
-        flags = set(extra.split("+"))  # e.g. "fused+overflow"
+        flags = set(extra.split("+"))  # e.g. "compiled+overflow"
         adaptive_clip = "adaptive_clip" in flags
         skip_step = 2 if "overflow" in flags else None
         steps = 30 if adaptive_clip else STEPS  # ZClip's threshold takes over after 25 norms
         rule = {"adaptive_lr": "hypergradient"} if "hypergradient" in flags else {}
         ref_params, ref_final, ref_norms, ref_applied = reference(opt_name, steps, adaptive_clip, skip_step, rule)
         params, final, norms, applied, skipped, state_steps = deepspeed_run(
-            opt_name, config_name, precision, steps, adaptive_clip, skip_step, rule, fused="fused" in flags)
+            opt_name, config_name, precision, steps, adaptive_clip, skip_step, rule,
+            impl={flag: True for flag in ("compiled", "fused") if flag in flags})
         if out is not None:
             # the largest parameter difference, relative to how far the reference moved the parameters
             moved = max(float((a - b).abs().max()) for a, b in zip(ref_params, make_model().parameters()))

@@ -1,6 +1,7 @@
-"""A real one-node SLURM cluster on localhost for the tests (../shared/ENVIRONMENT.md): munged, slurmctld
-and slurmd with a generated slurm.conf in a temporary folder, on free ports. Only daemons started here are
-stopped, by the PIDs in their pid files.
+"""A real one-node SLURM cluster on localhost for the tests: munged, slurmctld and slurmd (Debian's slurm-wlm
+and munge packages, installed with apt-get where missing) started by hand, as the test machines have no
+systemd, with a generated slurm.conf in a temporary folder, on free ports (docs/slurm.md does the same by
+hand). Only daemons started here are stopped, by the PIDs in their pid files.
 
     python tests/slurm_cluster.py /tmp/cluster     # start one by hand; prints the SLURM_CONF to export
 """

@@ -20,14 +20,14 @@ def parse(*argv):
 
 def test_auto_uses_the_compiled_update_where_torch_compile_works():
     opt = cli.optimizer_from_args(parse(), nn.Linear(4, 2))
-    assert isinstance(opt, AdaptOpt) and all(g["fused"] for g in opt.param_groups)
+    assert isinstance(opt, AdaptOpt) and all(g["compiled"] for g in opt.param_groups)
 
 
-@pytest.mark.parametrize("argv, fused", [(["--optimizer_impl", "eager"], False), (["--optimizer_impl", "fused"], True),
-                                         (["--fused_optimizer"], True)])
-def test_explicit_choice_is_kept(argv, fused):
-    opt = cli.optimizer_from_args(parse(*argv), nn.Linear(4, 2))
-    assert all(bool(g["fused"]) == fused for g in opt.param_groups)
+@pytest.mark.parametrize("impl, compiled, foreach", [("eager", False, None), ("compiled", True, None),
+                                                     ("foreach", None, True)])
+def test_explicit_choice_is_kept(impl, compiled, foreach):
+    opt = cli.optimizer_from_args(parse("--optimizer_impl", impl), nn.Linear(4, 2))
+    assert all(g["compiled"] == compiled and g["foreach"] == foreach for g in opt.param_groups)
 
 
 def test_auto_falls_back_to_eager_and_says_why(caplog):
@@ -35,7 +35,7 @@ def test_auto_falls_back_to_eager_and_says_why(caplog):
     # probe, not a simulated one. The recipe passes accelerator.device here.
     with caplog.at_level(logging.WARNING, logger="adaptopt.cli"):
         opt = cli.optimizer_from_args(parse(), nn.Linear(4, 2), device="meta")
-    assert not any(g["fused"] for g in opt.param_groups)
+    assert not any(g["compiled"] for g in opt.param_groups)
     assert "compiled update does not work here" in caplog.text and "meta" in caplog.text
 
 
@@ -43,17 +43,34 @@ def test_auto_falls_back_to_eager_and_says_why(caplog):
 def test_auto_gives_torch_baselines_their_fused_kernel(name):
     # HF Trainer defaults to fused AdamW; a baseline left at torch's CPU default (a per-tensor loop) would be
     # timed on its slowest path
-    opt = cli.optimizer_from_args(parse("--optimizer", name), nn.Linear(4, 2))
-    assert all(g["fused"] for g in opt.param_groups)
+    for impl in ("auto", "fused"):
+        opt = cli.optimizer_from_args(parse("--optimizer", name, "--optimizer_impl", impl), nn.Linear(4, 2))
+        assert all(g["fused"] for g in opt.param_groups)
     eager = cli.optimizer_from_args(parse("--optimizer", name, "--optimizer_impl", "eager"), nn.Linear(4, 2))
-    assert not any(g["fused"] for g in eager.param_groups)
+    assert not any(g["fused"] or g["foreach"] for g in eager.param_groups)
+    foreach = cli.optimizer_from_args(parse("--optimizer", name, "--optimizer_impl", "foreach"), nn.Linear(4, 2))
+    assert all(g["foreach"] and not g["fused"] for g in foreach.param_groups)
 
 
 def test_rmsprop_has_no_fused_kernel():
     opt = cli.optimizer_from_args(parse("--optimizer", "rmsprop"), nn.Linear(4, 2))
     assert all(g["foreach"] for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("name, impl, runs_with", [
+    ("rmsprop", "fused", "auto, foreach, eager"), ("adamw", "compiled", "auto, fused, foreach, eager"),
+    ("adaptopt", "fused", "auto, compiled, foreach, eager"), ("prodigy", "foreach", "auto, eager"),
+    ("schedulefree_adamw", "compiled", "auto, foreach, eager")])
+def test_an_implementation_the_optimizer_lacks_is_refused_with_what_it_has(name, impl, runs_with, capsys):
     with pytest.raises(SystemExit):
-        parse("--optimizer", "rmsprop", "--optimizer_impl", "fused")
+        parse("--optimizer", name, "--optimizer_impl", impl)
+    assert f"--optimizer_impl {impl} (" in capsys.readouterr().err
+    assert cli.impl_refusal(name, impl).endswith(f"--optimizer {name}; it runs with {runs_with}")
+
+
+def test_one_spelling_per_flag():
+    with pytest.raises(SystemExit):
+        parse("--fused_optimizer")
 
 
 def test_fused_torch_baseline_steps_like_the_eager_one():

@@ -27,13 +27,13 @@ def results(out) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_trains_from_a_preset_config_and_reports_perplexity_and_memory(text_files, tmp_path):
     out = tmp_path / "scratch"
+    # --scale_init 1: AdaptOpt's learned LR scale starts at the LR itself, not at 1% of it (its default), which
+    # 12 updates are too few to grow out of
     launch("recipes/clm.py", data_args(text_files, out, "--config_name", "gpt2-tiny", "--max_train_steps", "12",
-                                       "--eval_steps", "6", "--learning_rate", "3e-3",
-                                       # the hypergradient rule steps at 3e-3 from update 1; Mechanic's default
-                                       # start (1% of lr) learns too little in 12 updates for the loss check below
-                                       "--adaptive_lr", "hypergradient"))
+                                       "--eval_steps", "6", "--learning_rate", "3e-3", "--scale_init", "1"))
     r = results(out)
     from transformers import AutoTokenizer
 
@@ -51,14 +51,15 @@ def test_trains_from_a_preset_config_and_reports_perplexity_and_memory(text_file
     assert start["parameters"] == end["parameters"] == r["parameters"] == n  # full training: everything trains
     assert end["parameter_bytes"] == 4 * n and start["optimizer_state_bytes"] == start["gradient_bytes"] == 0
     assert end["gradient_bytes"] == 4 * n  # fp32 gradients of every parameter
-    # AdaptOpt with the hypergradient rule: exp_avg + exp_avg_sq, plus step counters (Mechanic adds x0: 12n)
-    assert 8 * n <= end["optimizer_state_bytes"] <= 8 * n + 4096
+    # AdaptOpt's default: exp_avg + exp_avg_sq + the Mechanic start x0, plus step counters
+    assert 12 * n <= end["optimizer_state_bytes"] <= 12 * n + 4096
     assert end["peak_memory_mb"] >= start["peak_memory_mb"] > 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [row for row in log if "eval/perplexity" in row]
     assert [row["step"] for row in evals] == [6, 12] and evals[-1]["eval/perplexity"] == r["perplexity"]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_perplexity_as_one(text_files, tiny_llama, tmp_path):
     """Same weights (learning rate 0), 1 and 2 processes: 21 validation blocks in batches of 2 leave the last
     batch of rank 1 padded with a duplicate that must not count. A fresh single-process evaluation with the
@@ -78,6 +79,7 @@ def test_two_processes_give_the_same_perplexity_as_one(text_files, tiny_llama, t
     assert fresh["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_adapters_saved_under_zero3_reload_with_the_same_outputs(text_files, tiny_gpt2, tmp_path):
     """LoRA with 2 processes under ZeRO-3, where parameters are partitioned and saving must gather them: the
     saved adapters are complete (a known failure elsewhere under ZeRO-3: empty tensors), reload in a fresh

@@ -12,15 +12,19 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from adaptopt.launch import launcher_args, recipe_command
 from conftest import REPO, _free_port, launch
 from test_glue_recipe import common, results
+
+# 2-process launches and a torchrun matrix: minutes. The refusals and the clipping set-up, which need no
+# process group, are tests/test_deepspeed_run.py.
+pytestmark = pytest.mark.slow
 
 OPTIMIZERS = ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw", "adaptopt"]
 CONFIGS = ["zero0.json", "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"]
 PRECISIONS = ["fp32", "bf16", "fp16"]
-# DeepSpeed replaces a client Adagrad under ZeRO >= 1 (adaptopt.distributed.DeepSpeedRun.guard refuses it)
+# DeepSpeed replaces a client Adagrad under ZeRO >= 1 (adaptopt.deepspeed_run.DeepSpeedRun.guard refuses it)
 CASES = [[o, c, p, ""] for o in OPTIMIZERS for c in CONFIGS for p in PRECISIONS
          if not (o == "adagrad" and c != "zero0.json")]
 CASES += [["adaptopt", c, "fp32", "adaptive_clip"] for c in ("zero0.json", "zero2.json", "zero3.json")]
@@ -34,9 +38,9 @@ CASES += [[o, c, "fp16", "overflow"] for o, c in
           (("adaptopt", "zero0.json"), ("adaptopt", "zero2.json"), ("adaptopt", "zero3.json"), ("adamw", "zero2.json"))]
 # AdaptOpt's compiled update (the recipes' default where torch.compile works) on DeepSpeed's flat
 # partitions, held to the same eager single-process reference; under ZeRO-0 fp32 it also folds the clip.
-CASES += [["adaptopt", c, "fp32", "fused"] for c in CONFIGS]
-CASES += [["adaptopt", "zero0.json", "fp32", "fused+adaptive_clip"], ["adaptopt", "zero2.json", "bf16", "fused"],
-          ["adaptopt", "zero2.json", "fp16", "fused+overflow"]]
+CASES += [["adaptopt", c, "fp32", "compiled"] for c in CONFIGS]
+CASES += [["adaptopt", "zero0.json", "fp32", "compiled+adaptive_clip"], ["adaptopt", "zero2.json", "bf16", "compiled"],
+          ["adaptopt", "zero2.json", "fp16", "compiled+overflow"]]
 # torch's own fused kernels, which the recipes pick for the baselines (--optimizer_impl auto), on the same partitions
 CASES += [["adamw", c, "fp32", "fused"] for c in ("zero0.json", "zero2.json", "zero3.json")]
 CASES += [["adamw", "zero2.json", "fp16", "fused+overflow"], ["momentum", "zero2.json", "fp32", "fused"]]
@@ -98,46 +102,6 @@ def test_deepspeed_matches_single_process(matrix, case):
         assert r["skipped"] == 0, r
 
 
-def test_adagrad_under_zero_is_refused_with_the_reason():
-    from adaptopt import build_optimizer
-    from adaptopt.distributed import DeepSpeedRun
-
-    run = DeepSpeedRun(json.loads((REPO / "ds_configs" / "zero2.json").read_text()), 1.0, False)
-    with pytest.raises(ValueError, match="adagrad cannot run under DeepSpeed ZeRO-1/2/3.*zero0.json"):
-        run.guard(build_optimizer("adagrad", torch.nn.Linear(2, 2)))
-
-
-@pytest.mark.parametrize("name,config,precision", [
-    ("prodigy", "zero2.json", "fp32"), ("dadapt_adam", "zero3.json", "fp32"), ("prodigy", "zero0.json", "bf16"),
-    ("schedulefree_adamw", "zero1.json", "fp32"), ("schedulefree_adamw", "zero0.json", "fp16")])
-def test_peers_are_refused_where_deepspeed_wraps_them(name, config, precision):
-    """Prodigy and D-Adapt would take a different step size on every rank and group, Schedule-Free would
-    evaluate and save the wrong iterate: refused before training, with the reason and what to use instead."""
-    from adaptopt import build_optimizer
-    from adaptopt.distributed import DeepSpeedRun
-
-    ds = json.loads((REPO / "ds_configs" / config).read_text())
-    for key in ("fp16", "bf16"):
-        ds[key]["enabled"] = key == precision
-    run = DeepSpeedRun(ds, 1.0, False)
-    with pytest.raises(ValueError, match=r"cannot run under DeepSpeed ZeRO 1-3 or DeepSpeed's fp16/bf16: it .*"
-                                         r"Use a ZeRO-0 fp32 config .* or plain DDP .* or --optimizer adaptopt"):
-        run.guard(build_optimizer(name, torch.nn.Linear(2, 2)))
-
-
-def test_auto_clipping_becomes_the_recipes_value_and_one_side_clips():
-    from adaptopt.distributed import DeepSpeedRun
-
-    z2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
-    run = DeepSpeedRun(z2, 0.25, False)
-    assert run.config["gradient_clipping"] == 0.25 and not run.optimizer_clips
-    z0 = json.loads((REPO / "ds_configs" / "zero0.json").read_text())
-    for key in ("fp16", "bf16"):
-        z0[key]["enabled"] = False
-    run = DeepSpeedRun(z0, 0.25, False)  # the engine calls our optimizer directly: ours clips, DeepSpeed's is off
-    assert run.config["gradient_clipping"] == 0.0 and run.optimizer_clips
-
-
 def _glue_args(glue_dir, tiny_bert, out, *extra):
     return common(glue_dir, tiny_bert, out, "--per_device_train_batch_size", "8", *extra)
 
@@ -176,16 +140,14 @@ def test_two_machines_on_one_host_match_one_machine(glue_dir, tiny_bert, tmp_pat
     """Two accelerate launches with machine_rank 0 and 1 (DeepSpeed's standard multinode launcher) run
     ZeRO-2 to completion and give the metrics of one machine with 2 processes."""
     two = tmp_path / "two"
-    port = str(_free_port())
+    port = _free_port()
     procs = []
     for rank in (0, 1):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch" / "deepspeed_multi_node.yaml"), "--deepspeed_config_file",
-               str(REPO / "ds_configs" / "zero2.json"), "--num_machines", "2", "--num_processes", "2",
-               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-               str(REPO / "recipes" / "glue.py"), *_glue_args(glue_dir, tiny_bert, two, *RUN_ARGS)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
+        launcher = launcher_args(processes=2, machines=2, machine_rank=rank, main_process_ip="127.0.0.1",
+                                 main_process_port=port, deepspeed_config=REPO / "ds_configs" / "zero2.json")
+        cmd, env = recipe_command(launcher, REPO / "recipes" / "glue.py",
+                                  _glue_args(glue_dir, tiny_bert, two, *RUN_ARGS), threads=1)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-6000:]

@@ -22,6 +22,7 @@ def results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_one_process_trains_evaluates_and_checkpoints(glue_dir, tiny_bert, tmp_path):
     out = tmp_path / "run"
     launch("recipes/glue.py", common(glue_dir, tiny_bert, out, "--num_train_epochs", "2",
@@ -46,6 +47,7 @@ def test_one_process_trains_evaluates_and_checkpoints(glue_dir, tiny_bert, tmp_p
     assert [r["step"] for r in evals] == [8, 16] and evals[-1]["eval/accuracy"] == r["accuracy"]
 
 
+@pytest.mark.slow
 def test_stsb_regression_reports_pearson_and_spearman(glue_dir, tiny_bert, tmp_path):
     out = tmp_path / "stsb"
     # a torch baseline with the clip hook attached, through accelerate's optimizer wrapper; mean pooling
@@ -59,6 +61,7 @@ def test_stsb_regression_reports_pearson_and_spearman(glue_dir, tiny_bert, tmp_p
     assert json.loads((out / "model" / "config.json").read_text())["classifier_pooling"] == "mean"
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_exactly(glue_dir, tiny_bert, tmp_path):
     """Train 12 updates (1.5 epochs, checkpoint at 6 and in mid-epoch at 10); resume from step 10 in a
     new process and reach the same loss and dev metrics, to the last bit."""
@@ -75,6 +78,7 @@ def test_resumed_run_continues_exactly(glue_dir, tiny_bert, tmp_path):
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 def test_two_processes_see_each_dev_example_once(glue_dir, tiny_bert, tmp_path):
     out = tmp_path / "ddp"
     # 101 dev rows over 2 ranks x 64: the last batch is padded with duplicates that must be dropped.
@@ -147,6 +151,7 @@ def test_bad_input_stops_before_training_with_a_clear_message(case, glue_dir, ti
         assert "not a complete checkpoint" in err
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_head(glue_dir, tiny_bert, tmp_path):
     out = tmp_path / "lora"
     launch("recipes/glue.py", common(glue_dir, tiny_bert, out, "--max_train_steps", "3", "--lora", "--lora_r", "4"))
@@ -155,6 +160,7 @@ def test_lora_trains_only_adapters_and_head(glue_dir, tiny_bert, tmp_path):
     assert 0 < r["trainable_parameters"] < 0.05 * r["parameters"]
 
 
+@pytest.mark.slow
 def test_fp16_mixed_precision_comes_from_the_launch_config(glue_dir, tiny_bert, tmp_path):
     out = tmp_path / "fp16"
     launch("recipes/glue.py", common(glue_dir, tiny_bert, out, "--max_train_steps", "4"), mixed_precision="fp16")

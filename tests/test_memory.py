@@ -39,7 +39,7 @@ def test_report_counts_state_and_gradients_of_trainable_parameters_only():
 
 def test_adaptopt_state_is_measured_from_its_tensors():
     model = model_with_a_frozen_layer()
-    optimizer = build_optimizer("adaptopt", model, lr=1e-3, fused=False)
+    optimizer = build_optimizer("adaptopt", model, lr=1e-3, compiled=False)
     tracker = MemoryTracker(model, optimizer)
     step(model, optimizer)
     step(model, optimizer)

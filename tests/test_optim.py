@@ -10,7 +10,7 @@ from adaptopt._reference import ReferenceAdaptOpt
 # Mixed shapes and sizes; all below functional._SMALL_NUMEL, so the compiled path concatenates them (the
 # test at the end covers its large tensors).
 SHAPES = [(7, 5), (5,), (3, 4, 2), (1,), (5,), (5, 7), (1,), (5,)]
-IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
+IMPLS = [dict(foreach=False), dict(foreach=True), dict(compiled=True)]
 IMPL_IDS = ["single_tensor", "foreach", "compiled"]
 
 ADAPTIVE = dict(
@@ -191,7 +191,7 @@ def test_non_finite_gradient_skips_the_step_and_keeps_parameters():
     opt.step()
     assert torch.equal(p.detach(), torch.ones(3))
     assert opt.state[p] == {}  # no moments were touched, no step counted
-    assert opt.skipped_steps == 1 and opt.grad_clipper.nonfinite_steps == 1
+    assert opt.grad_clipper.nonfinite_steps == 1
     p.grad = torch.tensor([1.0, 1.0, 0.0])
     opt.step()
     assert float(opt.state[p]["step"]) == 1.0 and torch.isfinite(p).all()
@@ -234,6 +234,21 @@ def test_elementwise_update_is_shape_agnostic(rule):
                                rtol=1e-12, atol=1e-14)
 
 
+def test_a_checkpoint_that_calls_the_compiled_path_fused_loads():
+    """Param groups saved while AdaptOpt's argument was named fused= (the compiled path) carry that key."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdaptOpt([p], foreach=False)
+    p.grad = torch.ones(3)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    for group in state["param_groups"]:
+        group["fused"] = group.pop("compiled")
+    state["param_groups"][0]["fused"] = True
+    fresh = AdaptOpt([torch.nn.Parameter(torch.ones(3))], foreach=False)
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["compiled"] is True and "fused" not in fresh.param_groups[0]
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=-1e-3), r"Invalid lr: -0.001 \(must be a number >= 0\)"),
     (dict(betas=(1.2, 0.999)), r"Invalid beta parameter at index 0: 1.2 \(must be in \[0, 1\)\)"),
@@ -245,14 +260,14 @@ def test_elementwise_update_is_shape_agnostic(rule):
     (dict(scale_decay=-1.0), r"Invalid scale_decay: -1.0"),
     (dict(scale_init=0.0), r"Invalid scale_init: 0.0 \(must be in \(0, 1\]\)"),
     (dict(max_grad_norm=0.0), r"Invalid max_grad_norm: 0.0 \(must be > 0"),
-    (dict(foreach=True, fused=True), r"exclusive"),
+    (dict(foreach=True, compiled=True), r"exclusive"),
 ])
 def test_invalid_hyperparameters_name_value_and_range(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaptOpt([torch.nn.Parameter(torch.zeros(1))], **kwargs)
 
 
-# --- The fused path folds the clipping factor into the compiled update (p.grad stays unclipped). ---
+# --- The compiled path folds the clipping factor into the compiled update (p.grad stays unclipped). ---
 
 def _zclip_reference(norms, *, max_norm, warmup_steps=25, ema_decay=0.97, z_thresh=2.5):
     """ZClip written from docs/optimizer.md, independently of clip.py: the clipping factor of each step."""
@@ -274,14 +289,14 @@ def _zclip_reference(norms, *, max_norm, warmup_steps=25, ema_decay=0.97, z_thre
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("adaptive_clip", [False, True], ids=["fixed", "zclip"])
-def test_fused_clipping_in_kernel_matches_reference(adaptive_clip, rule):
-    """fused=True: the kernel multiplies g by the clip factor; the update and the adaptive rules'
+def test_compiled_clipping_in_kernel_matches_reference(adaptive_clip, rule):
+    """compiled=True: the kernel multiplies g by the clip factor; the update and the adaptive rules'
     statistics must be those of the clipped gradient (the reference clips g before everything), for 150
     steps."""
     hp = dict(RULES[rule], max_grad_norm=8.0)  # norms fall from 45 to ~6: clipped early, then only spikes
     init = make_params()
     params = [p.clone().requires_grad_() for p in init]
-    opt = AdaptOpt(params, adaptive_clip=adaptive_clip, fused=True, **hp)
+    opt = AdaptOpt(params, adaptive_clip=adaptive_clip, compiled=True, **hp)
     # Without ZClip the reference clips itself; with it the test clips by the independent ZClip above.
     ref = ReferenceAdaptOpt(init, **dict(hp, max_grad_norm=None if adaptive_clip else hp["max_grad_norm"]))
     norms, clipped_steps = [], 0
@@ -328,7 +343,7 @@ def test_non_finite_gradient_mid_run_leaves_params_and_state_untouched(impl):
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()
-    assert opt.skipped_steps == 1 and opt.grad_clipper.nonfinite_steps == 1
+    assert opt.grad_clipper.nonfinite_steps == 1
     for p, q in zip(params, before_params):
         assert torch.equal(p.detach(), q)
     after_state = opt.state_dict()
@@ -353,7 +368,7 @@ def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_s
     gen = torch.Generator().manual_seed(3)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     runs = {}
-    for name, impl in {"compiled": dict(fused=True), "single": dict(foreach=False)}.items():
+    for name, impl in {"compiled": dict(compiled=True), "single": dict(foreach=False)}.items():
         params = [p.clone().requires_grad_() for p in init]
         opt = AdaptOpt(params, **RULES[rule], **impl)
         grad_gen = torch.Generator().manual_seed(4)
@@ -381,5 +396,5 @@ def test_compiled_update_check_compiles_the_graph_the_first_step_reuses():
     params = [torch.nn.Parameter(torch.randn(n)) for n in (40_000, 20_000, 300, 7)]
     for p in params:
         p.grad = torch.randn_like(p)
-    AdaptOpt(params, fused=True).step()
+    AdaptOpt(params, compiled=True).step()
     assert counters["stats"]["unique_graphs"] == compiled

@@ -102,12 +102,12 @@ def test_default_hyperparameters_are_the_registry_over_the_class_without_impleme
 
     adamw = default_hyperparameters("adamw")
     assert adamw["lr"] == 5e-5 and adamw["weight_decay"] == 0.01 and adamw["amsgrad"] is False  # registry, class
-    assert not {"foreach", "fused", "capturable", "differentiable"} & set(adamw)
+    assert not {"foreach", "fused", "compiled", "capturable", "differentiable"} & set(adamw)
     adaptopt = default_hyperparameters("AdaptOpt")  # the class's own defaults: the registry repeats none
     assert adaptopt["adaptive_lr"] == "mechanic" and adaptopt["lr"] == 1e-4 and "reduce_fn" not in adaptopt
     assert adaptopt["max_grad_norm"] == 1.0 and adaptopt["hypergrad_rate"] == 0.1
     used = run_hyperparameters(build_optimizer("adaptopt", [torch.nn.Parameter(torch.ones(2))], lr=1e-3))
-    assert used["lr"] == 1e-3 and used["hypergrad_rate"] == 0.1 and "lr_scale" not in used and "fused" not in used
+    assert used["lr"] == 1e-3 and used["hypergrad_rate"] == 0.1 and "lr_scale" not in used and "compiled" not in used
 
 
 def test_clipping_is_the_same_whichever_way_adaptopt_is_built():

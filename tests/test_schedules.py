@@ -94,6 +94,24 @@ def test_scheduler_with_baseline_clip_hook_skips_non_finite():
     assert torch.equal(p.detach(), torch.ones(2)) and sched.applied_steps == 0
 
 
+def test_schedule_counted_externally_ignores_step_calls():
+    """The recipes tell the schedule each applied update (adaptopt/divergence.py decides which): DeepSpeed ZeRO
+    calls step() once per group or sub-group, and those calls must not move it."""
+    model = torch.nn.Linear(3, 1)
+    opt = build_optimizer("adamw", model, lr=1.0)
+    sched = build_scheduler(opt, "linear", total_steps=10, warmup_steps=0)
+    sched.count_updates_externally()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    sched.step()
+    assert sched.applied_steps == 0 and opt.param_groups[0]["lr"] == 1.0
+    sched.record_update()
+    sched.step()
+    assert sched.applied_steps == 1 and opt.param_groups[0]["lr"] == pytest.approx(0.9)
+
+
 def test_scheduler_state_dict_round_trip_with_plateau():
     p, opt = _model_and_opt()
     sched = build_scheduler(opt, "plateau", warmup_steps=2)

@@ -24,6 +24,8 @@ import yaml
 from conftest import REPO
 from slurm_cluster import Cluster, SlurmUnavailable
 
+pytestmark = pytest.mark.slow  # SLURM daemons and sbatch jobs that launch the recipe: minutes
+
 STEPS = 60
 
 

@@ -56,6 +56,7 @@ def fitted(squad_dir, tiny_bert, tmp_path_factory):
     return folder / "run", args
 
 
+@pytest.mark.slow
 def test_one_process_learns_its_questions_and_writes_what_it_scored(fitted):
     """A model that fits its questions proves the labels, the windows and the decoding agree end to
     end (untrained, this model scores F1 about 5)."""
@@ -86,6 +87,7 @@ def test_one_process_learns_its_questions_and_writes_what_it_scored(fitted):
     assert model.qa_outputs.out_features == 2
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_exactly(fitted, tiny_bert, tmp_path):
     """Resume the fitted run from its mid-epoch checkpoint at update 60 in a new process: the same
     loss, metrics and answers at the end, to the last bit."""
@@ -101,6 +103,7 @@ def test_resumed_run_continues_exactly(fitted, tiny_bert, tmp_path):
     assert (out / "predictions.json").read_text() == (resumed / "predictions.json").read_text()
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_gives_the_one_process_answers(squad_dir, tiny_bert, tmp_path):
     """At learning rate 0 the model is its seeded initialisation, so 2 processes must answer every
     question exactly as 1 does: 77 questions in about 130 windows over 2 ranks x 16 pad the last batch."""
@@ -117,6 +120,7 @@ def test_sharded_evaluation_gives_the_one_process_answers(squad_dir, tiny_bert, 
     assert (a["exact_match"], a["f1"]) == (b["exact_match"], b["f1"])
 
 
+@pytest.mark.slow
 def test_lora_under_zero3_trains_only_the_adapters_and_the_span_head(squad_dir, tiny_bert, tmp_path):
     out = tmp_path / "z3"
     launch("recipes/squad.py", common(tiny_bert, out, *data_args(
@@ -153,6 +157,7 @@ def v2_questions(squad_dir, folder: Path, answerable: int, unanswerable: int) ->
     return path, impossible
 
 
+@pytest.mark.slow
 def test_v2_learns_to_answer_nothing_to_unanswerable_questions(squad_dir, tiny_bert, tmp_path):
     """SQuAD v2.0 end to end, one process: train and evaluate on the same 16 real answerable and 8
     unanswerable questions; the model learns to answer nothing (the [CLS] labels and the null score),

@@ -1,13 +1,9 @@
-"""The pre-flight check (python -m adaptopt.check): one test per mistake, each error names the fix;
-plus the skipped-update monitor and the externally counted LR schedule that DeepSpeed runs use."""
+"""The pre-flight check (python -m adaptopt.config_check): one test per mistake, each error names the fix."""
 import json
 
 import pytest
-import torch
 
-from adaptopt import build_optimizer, build_scheduler
-from adaptopt.check import ConfigError, RecipeSettings, check_accelerate_config, check_ds_config, load_json, main
-from adaptopt.skipped import TooManySkippedUpdates, UpdateMonitor
+from adaptopt.config_check import ConfigError, RecipeSettings, check_accelerate_config, check_ds_config, load_json, main
 from conftest import REPO
 
 RECIPE = RecipeSettings(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_grad_norm=1.0, world_size=4)
@@ -136,29 +132,3 @@ def test_command_line_exit_codes(capsys, tmp_path):
     bad.write_text(json.dumps(config(train_batch_size=7)))
     assert main(["--ds_config", str(bad), "--num_processes", "2", "--per_device_train_batch_size", "4"]) == 2
     assert "train_batch_size 7 != micro batch 4 x accumulation 1 x world size 2 = 8" in capsys.readouterr().err
-
-
-def test_update_monitor_stops_after_the_configured_run_of_skips():
-    monitor = UpdateMonitor(3)
-    for applied in (False, False, True, False, False):
-        monitor.update(applied)
-    assert monitor.skipped == 4 and monitor.consecutive == 2
-    with pytest.raises(TooManySkippedUpdates, match=r"3 updates in a row were skipped.*last checkpoint was kept"):
-        monitor.update(False)
-
-
-def test_schedule_counted_externally_ignores_step_calls():
-    """DeepSpeed ZeRO calls step() once per group or sub-group; the schedule then follows record_update()."""
-    model = torch.nn.Linear(3, 1)
-    opt = build_optimizer("adamw", model, lr=1.0)
-    sched = build_scheduler(opt, "linear", total_steps=10, warmup_steps=0)
-    sched.count_updates_externally()
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    opt.step()
-    opt.step()
-    sched.step()
-    assert sched.applied_steps == 0 and opt.param_groups[0]["lr"] == 1.0
-    sched.record_update()
-    sched.step()
-    assert sched.applied_steps == 1 and opt.param_groups[0]["lr"] == pytest.approx(0.9)

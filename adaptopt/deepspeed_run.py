@@ -17,14 +17,14 @@ A recipe calls, in this order:
      adaptive clipping sets the engine's threshold before each step from the same ``GradClipper`` rule;
    - **the optimizer**, in ZeRO-0 fp32, where the engine calls our optimizer directly with full,
      averaged gradients: DeepSpeed's clipping is off and ours runs, exactly as without DeepSpeed.
-3. ``run.guard(optimizer, scheduler)`` before ``accelerator.prepare`` (see its docstring), and
+3. ``run.guard(optimizer)`` before ``accelerator.prepare`` (see its docstring), and
    ``run.attach(engine, optimizer)`` after it. Under ZeRO the optimizer
-   holds shards, so AdaptOpt's path statistics get a ``reduce_fn`` over the data-parallel group. The LR
-   schedule stops counting ``optimizer.step()`` calls, because ZeRO makes several per update, and counts
-   the engine's applied updates instead.
+   holds shards, so AdaptOpt's path statistics get a ``reduce_fn`` over the data-parallel group.
 4. ``run.after_update()`` after each backward that ended an accumulation cycle. It records the pre-clip
-   global norm (``engine.get_global_grad_norm()``), counts an overflow-skipped step, advances the
-   schedule only for an applied update, and sets the next adaptive threshold.
+   global norm (``engine.get_global_grad_norm()``), sets the next adaptive threshold, and returns whether
+   the engine applied the step (False on an fp16 overflow): the launcher's half of
+   ``adaptopt.divergence.update_applied``, whose answer the recipe gives the LR schedule. The schedule
+   counts those answers, not ``optimizer.step()`` calls, of which ZeRO makes several per update.
 
 DeepSpeed's clip is ``g / max(1, (||g|| + 1e-6) / c)``, torch's ``clip_grad_norm_`` rule; it differs from
 the papers' ``g * c / ||g||`` by a factor 1 + 1e-6/||g||.
@@ -61,7 +61,8 @@ def _enabled(section: dict | None) -> bool:
 
 
 class DeepSpeedRun:
-    """Clipping ownership, shard-aware statistics and update counting for one DeepSpeed run."""
+    """Clipping ownership, shard-aware statistics and the engine's applied-or-skipped verdict, for one
+    DeepSpeed run."""
 
     def __init__(self, ds_config: dict, max_grad_norm: float | None, adaptive_clip: bool):
         self.config = ds_config
@@ -69,11 +70,10 @@ class DeepSpeedRun:
         wrapped = self.stage > 0 or _enabled(ds_config.get("fp16")) or _enabled(ds_config.get("bf16"))
         self.optimizer_clips = not wrapped
         # The engine must not clip when the optimizer does, and must clip at the recipe's value otherwise.
-        # A number written in the file was checked against the recipe's by adaptopt.check already.
+        # A number written in the file was checked against the recipe's by adaptopt.config_check already.
         self.config["gradient_clipping"] = 0.0 if self.optimizer_clips else float(max_grad_norm or 0.0)
         self.clipper = GradClipper(max_grad_norm, adaptive=adaptive_clip) if wrapped else None
         self.engine = None
-        self.scheduler = None
 
     @classmethod
     def from_accelerator(cls, accelerator, max_grad_norm: float | None, adaptive_clip: bool) -> "DeepSpeedRun | None":
@@ -82,15 +82,14 @@ class DeepSpeedRun:
             return None
         return cls(plugin.deepspeed_config, max_grad_norm, adaptive_clip)
 
-    def guard(self, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
-        """Call before ``accelerator.prepare``/``deepspeed.initialize`` with the recipe's optimizer and
-        its adaptopt ScheduledLR, if any.
+    def guard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Call before ``accelerator.prepare``/``deepspeed.initialize`` with the recipe's optimizer.
 
         DeepSpeed's fp16/bf16 ZeRO-0 wrappers "initialise optimizer states" by calling ``step()`` once
         with zero gradients. That is not an update: it would count a step for Adam's bias correction and
         apply weight decay. Until ``attach``, a pre-hook drops the gradients, so the call updates nothing
-        (torch optimizers and AdaptOpt skip parameters without a gradient). The schedule stops counting
-        ``step()`` calls here, before that call can happen, and counts applied updates (``after_update``).
+        (torch optimizers and AdaptOpt skip parameters without a gradient). The recipe's ScheduledLR must
+        count applied updates (``count_updates_externally()``) before this call can happen.
         """
         refusal = _refusal(type(optimizer).__name__, wrapped=not self.optimizer_clips)
         if refusal:
@@ -109,9 +108,6 @@ class DeepSpeedRun:
                     p.grad = None
 
         self._init_guard = optimizer.register_step_pre_hook(drop_grads)
-        if scheduler is not None and hasattr(scheduler, "count_updates_externally"):
-            scheduler.count_updates_externally()
-            self.scheduler = scheduler
 
     def attach(self, engine, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer``: the torch optimizer the recipe built (DeepSpeed's client optimizer)."""
@@ -131,19 +127,15 @@ class DeepSpeedRun:
             self._set_threshold()
 
     def after_update(self) -> bool:
-        """Book-keeping after the engine's step at an accumulation boundary; True if the update applied."""
-        applied = bool(self.engine.was_step_applied())
-        own = getattr(self.optimizer, "grad_clipper", None)
-        if self.optimizer_clips and own is not None and not own.last_finite:
-            applied = False  # our optimizer skipped a non-finite step the engine did not see
+        """Book-keeping after the engine's step at an accumulation boundary. Returns False if the engine
+        skipped the step (an fp16 overflow); a step our own optimizer skipped (ZeRO-0 fp32, where it clips)
+        the engine does not see: ``adaptopt.divergence.update_applied`` combines the two."""
         if self.clipper is not None:
             norm = self.engine.get_global_grad_norm()  # pre-clip, unscaled; inf on an fp16 overflow
             if norm is not None:
                 self.clipper.factor_for_norm(float(norm))
             self._set_threshold()
-        if applied and self.scheduler is not None:
-            self.scheduler.record_update()
-        return applied
+        return bool(self.engine.was_step_applied())
 
     @property
     def grad_clipper(self) -> GradClipper | None:

@@ -1,6 +1,6 @@
 """Pre-flight check of a DeepSpeed config (and an accelerate config) against a recipe's settings.
 
-    python -m adaptopt.check --ds_config ds_configs/zero2.json --accelerate_config launch/deepspeed_single_node.yaml \\
+    python -m adaptopt.config_check --ds_config ds_configs/zero2.json --accelerate_config launch/deepspeed_single_node.yaml \\
         [--per_device_train_batch_size 32 --gradient_accumulation_steps 1 --max_grad_norm 1.0 --num_processes 2]
 
 The recipes run the same checks at start-up, before any process group exists, on the config that
