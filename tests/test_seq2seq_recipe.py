@@ -165,8 +165,8 @@ def test_pairs_learn_a_task_in_a_few_dozen_updates(domain_pairs, tiny_t5, tmp_pa
 
 @pytest.mark.slow
 def test_lora_on_stsb_trains_adapters_and_the_merged_model_answers_the_same(glue_dir, tiny_t5, tmp_path):
-    """LoRA on T5's q/k/v/o in every attention block, on STS-B (answers are score strings). The merged model,
-    a plain T5 loaded in this process, generates the answers the run reported."""
+    """LoRA on T5's q/k/v/o in every attention block, on STS-B (answers are score strings), with beam search.
+    The merged model, a plain T5 loaded in this process, generates the answers the run reported."""
     import torch
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
@@ -174,23 +174,55 @@ def test_lora_on_stsb_trains_adapters_and_the_merged_model_answers_the_same(glue
     from adaptopt.data.text2text import glue_as_text2text
 
     out = tmp_path / "lora"
-    args = mrpc_args(glue_dir, tiny_t5, out, "--max_train_steps", "3", "--learning_rate", "1e-2", "--lora",
-                     "--lora_r", "4", "--save_model", "--merge_lora")
+    args = mrpc_args(glue_dir, tiny_t5, out, "--max_train_steps", "3", "--learning_rate", "3e-3", "--lora",
+                     "--lora_r", "4", "--save_model", "--merge_lora", "--num_beams", "2")
     args[1] = "stsb"
     launch("recipes/seq2seq.py", args)
     r = results(out)
-    assert {"pearson", "spearmanr", "invalid_answers"} <= set(r) and "accuracy" not in r
+    assert {"pearson", "spearmanr", "invalid_answers"} <= set(r) and "accuracy" not in r and r["num_beams"] == 2
     # 2 encoder blocks (self-attention) + 2 decoder blocks (self- and cross-attention): 6 x 4 projections 64 -> 64
     assert r["trainable_parameters"] == 6 * 4 * (4 * 64 + 64 * 4)
     assert (out / "model" / "adapter_config.json").is_file()
-    merged = T5ForConditionalGeneration.from_pretrained(out / "model_merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "model_merged")
     sources = glue_as_text2text("stsb", load_glue("stsb", data_dir=glue_dir))["validation"]["source"][:8]
     batch = tokenizer(list(sources), padding=True, truncation=True, max_length=512, return_token_type_ids=False,
                       return_tensors="pt")  # the recipe's first evaluation batch, padded as it was
-    with torch.no_grad():
-        tokens = merged.generate(**batch, num_beams=1, do_sample=False, max_new_tokens=r["generation_max_length"])
-    assert tokenizer.batch_decode(tokens, skip_special_tokens=True) == [p["prediction"] for p in predictions(out)[:8]]
+
+    def answers(model_dir):
+        model = T5ForConditionalGeneration.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            tokens = model.generate(**batch, num_beams=2, do_sample=False, max_new_tokens=r["generation_max_length"])
+        return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    reported = [p["prediction"] for p in predictions(out)[:8]]
+    assert answers(out / "model_merged") == reported
+    assert answers(tiny_t5) != reported  # the adapters changed the answers, so the equality above means something
+
+
+@pytest.mark.slow
+def test_mnli_reports_both_dev_splits(glue_dir, tiny_t5, tmp_path):
+    """MNLI's matched and mismatched dev sets are scored apart. No MNLI ships here: a folder in its layout holds
+    real RTE pairs (as MNLI's entailment / contradiction) and "neutral" for a third of them."""
+    from adaptopt.data.glue import load_glue
+
+    rte = load_glue("rte", data_dir=glue_dir)["train"]
+    rows = [f"{i}\t{a}\t{b}\t{['entailment', 'contradiction'][label] if i % 3 else 'neutral'}"
+            for i, (a, b, label) in enumerate(zip(rte["sentence1"][:60], rte["sentence2"][:60], rte["label"][:60]))]
+    root = tmp_path / "glue"
+    (root / "MNLI").mkdir(parents=True)
+    header = "index\tsentence1\tsentence2\tgold_label"
+    for name, part in (("train.tsv", rows[:32]), ("dev_matched.tsv", rows[32:45]), ("dev_mismatched.tsv", rows[45:])):
+        (root / "MNLI" / name).write_text("\n".join([header, *part]) + "\n")
+    out = tmp_path / "mnli"
+    args = mrpc_args(root, tiny_t5, out, "--max_train_steps", "2", "--max_eval_samples", "20")
+    args[1] = "mnli"
+    launch("recipes/seq2seq.py", args)
+    r = results(out)
+    assert r["eval_samples"] == {"validation_matched": 13, "validation_mismatched": 15}
+    for split, n in r["eval_samples"].items():
+        assert {f"{split}_{k}" for k in ("accuracy", "f1", "invalid_answers")} <= set(r)
+        assert len(predictions(out, split)) == n
+        assert predictions(out, split)[0]["target"] in ("entailment", "neutral", "contradiction")
 
 
 def _fails(argv, capsys) -> str:
