@@ -4,11 +4,11 @@ baseline), via accelerate, and score what it generates.
 GLUE as T5 is fine-tuned on it: the input is T5's text ("mrpc sentence1: ... sentence2: ..."), the target the
 label's name ("equivalent" / "not_equivalent"; STS-B: the score rounded to 0.2, "3.8"); evaluation generates,
 maps each answer back to a label and reports the task's official GLUE metric (adaptopt/data/text2text.py):
-    accelerate launch recipes/seq2seq.py --model_name_or_path t5-small --task_name mrpc --data_dir $GLUE_DIR \\
-        --learning_rate 3e-4 --output_dir runs/t5-mrpc
+    accelerate launch recipes/seq2seq.py --model_name_or_path google-t5/t5-small --task_name mrpc \\
+        --data_dir $GLUE_DIR --learning_rate 3e-4 --output_dir runs/t5-mrpc
 Any source/target pairs (.jsonl, one {"source": ..., "target": ...} object per line), scored by SQuAD's exact
 match and F1 of the generated text against the target:
-    accelerate launch recipes/seq2seq.py --model_name_or_path t5-small --train_file train.jsonl \\
+    accelerate launch recipes/seq2seq.py --model_name_or_path google-t5/t5-small --train_file train.jsonl \\
         --validation_file valid.jsonl --source_prefix "question: " --output_dir runs/pairs
 N processes on one machine (DDP; on a CPU-only machine prefix ACCELERATE_USE_CPU=true):
     accelerate launch --multi_gpu --num_processes 2 recipes/seq2seq.py ...
@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--max_target_length)")
     g = parser.add_argument_group("model")
     g.add_argument("--model_name_or_path", default=None,
-                   help="AutoModelForSeq2SeqLM folder or hub name (t5-small, facebook/bart-base, ...)")
+                   help="AutoModelForSeq2SeqLM folder or hub name (google-t5/t5-small, facebook/bart-base, ...)")
     g.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub name (default: the model's)")
     cli.add_optimization_args(parser)
     cli.add_run_args(parser)
@@ -89,8 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     cli.check_shared_args(parser, args)
     if not args.model_name_or_path:
-        parser.error("--model_name_or_path is required: an encoder-decoder folder or hub name (e.g. t5-small); "
-                     "no text-to-text model ships with the package")
+        parser.error("--model_name_or_path is required: an encoder-decoder folder or hub name (e.g. "
+                     "google-t5/t5-small); no text-to-text model ships with the package")
     for name in ("num_beams", "max_source_length", "max_target_length", "generation_max_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
@@ -127,9 +127,9 @@ def _check_glue_sources(parser, args) -> None:
         parser.error("--train_file needs --validation_file (the dev metrics are the result)")
 
 
-def load_tokenizer_and_config(args):
-    """The tokenizer and the model's config; raises ModelNotFoundError unless the model is an encoder-decoder
-    whose vocabulary holds every token of the tokenizer, which must pad."""
+def resolve_model_and_tokenizer(args):
+    """(what to pass to from_pretrained, the tokenizer). Raises ModelNotFoundError unless the model is an
+    encoder-decoder whose vocabulary holds every token of the tokenizer, and the tokenizer pads."""
     from transformers import AutoConfig, AutoTokenizer
 
     model_path = resolve_model(args.model_name_or_path)
@@ -183,10 +183,8 @@ def target_length(args, tokenizer) -> int:
     return max(len(tokenizer(text_target=w)["input_ids"]) for w in words)
 
 
-def build_dataloaders(args, raw, tokenizer):
+def build_dataloaders(args, raw, tokenizer, max_target: int):
     from transformers import DataCollatorForSeq2Seq
-
-    max_target = target_length(args, tokenizer)
 
     def tokenize(batch):
         out = tokenizer(batch["source"], max_length=args.max_source_length, truncation=True,
@@ -227,7 +225,8 @@ def generate_split(accelerator, model, dataloader, tokenizer, generation: dict, 
     expected = len(dataloader.dataset)
     # Every example exactly once, on every world size: otherwise the metric is not the split's.
     if len(seen) != expected or len(torch.unique(seen)) != expected:
-        raise RuntimeError(f"{split}: generated for {len(seen)} rows ({len(torch.unique(seen))} distinct) of {expected}")
+        raise RuntimeError(f"{split}: generated for {len(seen)} rows ({len(torch.unique(seen))} distinct) "
+                           f"of {expected}")
     order = torch.argsort(seen).tolist()
     return [texts[i] for i in order]
 
@@ -264,7 +263,8 @@ def train(args, raw, tokenizer, answers: AnswerMap | None, model_path: str, chec
     logger.info(f"model: {model_path}")
     model = AutoModelForSeq2SeqLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     model = run.apply_lora(model, "SEQ_2_SEQ_LM")
-    train_dl, eval_dls = build_dataloaders(args, raw, tokenizer)
+    max_target = target_length(args, tokenizer)
+    train_dl, eval_dls = build_dataloaders(args, raw, tokenizer, max_target)
     model, eval_dls = run.prepare(model, train_dl, eval_dls)
 
     import evaluate
@@ -278,7 +278,7 @@ def train(args, raw, tokenizer, answers: AnswerMap | None, model_path: str, chec
         metrics = {s: evaluate.load(SQUAD_METRIC) for s in eval_dls}
     generation = dict(
         num_beams=args.num_beams, do_sample=False,
-        max_new_tokens=args.generation_max_length or target_length(args, tokenizer),
+        max_new_tokens=args.generation_max_length or max_target,
         # ZeRO-3: each forward gathers every rank's shard, so a rank whose answers ended early keeps stepping
         synced_gpus=run.ds_run is not None and run.ds_run.stage == 3 and acc.num_processes > 1,
     )
@@ -316,7 +316,7 @@ def main(argv=None) -> dict:
     def setup():
         # Everything a user can get wrong is checked here, on every rank, before any process group exists.
         args = parse_args(argv)
-        model_path, tokenizer = load_tokenizer_and_config(args)
+        model_path, tokenizer = resolve_model_and_tokenizer(args)
         raw = load_data(args)
         # raises if the tokenizer writes two labels back as one text
         answers = AnswerMap(GLUE_TASKS[args.task_name], tokenizer) if args.task_name else None

@@ -131,7 +131,8 @@ def test_a_preempted_run_resumes_to_the_uninterrupted_result(mrpc_run, glue_dir,
     _, rest = proc.communicate(timeout=600)
     assert proc.returncode == 75, "".join(seen)[-3000:] + rest[-3000:]
     assert "stopped for preemption after update 1" in rest
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"] and not (out / "results.json").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
+    assert not (out / "results.json").exists()
 
     resumed = subprocess.run([*cmd, "--resume_from_checkpoint", "latest"], capture_output=True, text=True,
                              timeout=600, env=env)

@@ -96,13 +96,8 @@ def test_labels_survive_the_tokenizer_both_ways(task, tokenizer):
         assert answers.label(f"  {generated}\n") == label  # whitespace around an answer does not matter
 
 
-def test_uncased_wordpiece_writes_labels_back_spaced():
+def test_uncased_wordpiece_writes_labels_back_spaced(tokenizer):
     """The reason labels are matched through the tokenizer's own round trip, not as written."""
-    from transformers import AutoTokenizer
-
-    from adaptopt.models import default_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     assert round_trip(tokenizer, "not_equivalent") == "not _ equivalent"
     assert round_trip(tokenizer, "3.8") == "3. 8"
 
@@ -152,7 +147,8 @@ def write_jsonl(path, rows):
 
 
 def test_pairs_load_with_their_columns_prefix_and_idx(tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", [{"q": "Where?", "a": "Here.", "id": 7}, "", {"q": "Who?", "a": "Me"}])
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{"q": "Where?", "a": "Here.", "id": 7}, "", {"q": "Who?", "a": "Me"}])
     valid = write_jsonl(tmp_path / "valid.jsonl", [{"q": "When?", "a": "Now"}])
     assert read_pairs(train, "q", "a") == (["Where?", "Who?"], ["Here.", "Me"])  # the blank line is skipped
     raw = load_pairs(train, valid, source_column="q", target_column="a", source_prefix="question: ")
