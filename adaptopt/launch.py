@@ -99,6 +99,14 @@ def launcher_args(*, processes: int = 1, machines: int = 1, machine_rank: int | 
     return args
 
 
+def available_cores() -> int:
+    """The cores this process may use; inside a SLURM job no more than its allocation (SLURM_CPUS_PER_TASK),
+    which a cluster without CPU binding does not show in the affinity mask."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cores
+
+
 def threads_per_process(args: list[str], cores: int, concurrent_runs: int = 1) -> int:
     """CPU threads for each process of ``accelerate launch args`` so that ``concurrent_runs`` such launches
     share ``cores`` cores: cores / (runs x processes per machine), at least 1."""
@@ -115,7 +123,7 @@ def recipe_command(launcher: list[str], recipe: str | Path, recipe_args: Iterabl
     machine, with the thread policy and the CPU catches of the module docstring.
 
     ``threads``: CPU threads per process (default: the policy). ``environ``: the environment to start from
-    (default os.environ). ``cuda``/``cores``: the machine (default: torch.cuda.is_available(), os.cpu_count())."""
+    (default os.environ). ``cuda``/``cores``: the machine (default: torch.cuda.is_available(), available_cores())."""
     environ = os.environ if environ is None else environ
     if cuda is None:
         import torch
@@ -129,7 +137,7 @@ def recipe_command(launcher: list[str], recipe: str | Path, recipe_args: Iterabl
         if chosen is None:
             args = ["--num_cpu_threads_per_process", str(threads), *args]
     elif not cuda and chosen is None and "OMP_NUM_THREADS" not in environ:
-        args = ["--num_cpu_threads_per_process", str(threads_per_process(args, cores or os.cpu_count() or 1)), *args]
+        args = ["--num_cpu_threads_per_process", str(threads_per_process(args, cores or available_cores())), *args]
     if not cuda:
         distributed = _config_value(args, "distributed_type")
         if "--use_deepspeed" in args or distributed == "DEEPSPEED":
