@@ -22,6 +22,7 @@ every caller (``launch/run.py`` for users, the benchmarks, the optimizer study, 
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -161,6 +162,22 @@ class RecipeFailed(RuntimeError):
         where = f"; its output is in {log}" if log is not None else ""
         super().__init__(f"{command_line(cmd)} failed (exit {returncode}){where}:\n{tail}")
         self.returncode = returncode
+
+
+def results_of(launcher: list[str], recipe: str | Path, recipe_args: list[str], out: str | Path, *,
+               threads: int | None = None, env: Mapping[str, str] | None = None, log: str | Path | None = None,
+               cwd: str | Path | None = None) -> dict:
+    """The results.json of the recipe run writing to ``out`` (``recipe_args`` carry ``--output_dir out``),
+    running it first unless it finished before: a finished run is one whose results.json exists, the study
+    runner's rule, so a benchmark restarted after an interruption goes on where it stopped."""
+    results = Path(out) / "results.json"
+    if not results.is_file():
+        print(f"running: {command_line(recipe_command(launcher, recipe, recipe_args, threads=threads)[0])}",
+              flush=True)
+        if log is not None:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+        run_recipe(launcher, recipe, recipe_args, threads=threads, env=env, log=log, cwd=cwd)
+    return json.loads(results.read_text())
 
 
 def run_recipe(launcher: list[str], recipe: str | Path, recipe_args: Iterable[str] = (), *,
