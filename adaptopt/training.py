@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +40,7 @@ from .checkpointing import load_progress, resolve_resume, save_checkpoint
 from .config_check import ConfigError, RecipeSettings, check_launch_env
 from .deepspeed_run import DeepSpeedRun, fix_cpu_deepspeed_state
 from .divergence import DivergenceMonitor, TooManySkippedUpdates, update_applied
+from .launch import exit_with
 from .memory import MemoryTracker, format_report, numel, peak_memory_mb
 from .models import ModelNotFoundError
 from .optim import AdaptOpt
@@ -465,21 +465,18 @@ def run_main(setup: Callable[[], tuple], train: Callable[..., dict], input_error
     group exists (so a bad path stops all ranks with the same message instead of leaving some waiting
     at a barrier) and returns the arguments for ``train(*inputs, preemption)``.
     Exit 2: bad input (one clear line, no stack trace); 3: too many skipped updates; 75: preempted after
-    a complete checkpoint (a requeued job resumes with --resume_from_checkpoint latest)."""
+    a complete checkpoint (a requeued job resumes with --resume_from_checkpoint latest).
+    The line is shown once however many processes stop with it (adaptopt/launch.py: exit_with)."""
     preemption = PreemptionSignal.install()  # before the slow start-up: a signal during it counts too
     try:
         inputs = setup()
     except (*input_errors, ModelNotFoundError, FileNotFoundError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(f"error: {err}", 2)
     try:
         return train(*inputs, preemption)
     except input_errors as err:  # bad input that shows only once the model is loaded: same line, same code
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(f"error: {err}", 2)
     except TooManySkippedUpdates as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(3)
+        exit_with(f"error: {err}", 3)
     except Preempted as err:
-        print(f"preempted: {err}", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        exit_with(f"preempted: {err}", PREEMPTED_EXIT_CODE)

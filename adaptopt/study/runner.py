@@ -178,8 +178,8 @@ def stderr_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
 def error_line(tail: str) -> str:
     """The line that says what went wrong: the recipe's `error: ...` or the exception's last line.
 
-    accelerate launch ends every failure with its own CalledProcessError traceback (and exit code 1,
-    whatever the recipe's was), which says nothing about the cause, so it is skipped."""
+    A recipe run with plain ``accelerate launch`` ends with accelerate's CalledProcessError traceback, which
+    says nothing about the cause, so it is skipped."""
     lines = [line.strip() for line in tail.splitlines() if "CalledProcessError" not in line]
     for line in reversed(lines):
         if _ERROR.search(line):
