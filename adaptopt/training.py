@@ -36,7 +36,8 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import cli
-from .checkpointing import load_progress, resolve_resume, save_checkpoint
+from .checkpointing import (WRITE_FAILED_EXIT_CODE, CheckpointWriteError, checkpoint_estimate, folder_bytes,
+                            load_progress, resolve_resume, save_checkpoint, space_warning)
 from .config_check import ConfigError, RecipeSettings, check_launch_env
 from .deepspeed_run import DeepSpeedRun, fix_cpu_deepspeed_state
 from .divergence import DivergenceMonitor, TooManySkippedUpdates, update_applied
@@ -239,6 +240,8 @@ class RecipeRun:
         logger.info(f"{self.train_examples} training examples, {self.num_epochs} epochs, {args.max_train_steps} "
                     f"updates of {self.total_batch} examples; optimizer {args.optimizer}, schedule {args.lr_scheduler}")
         self.checkpoint_every = None if args.checkpointing_steps in (None, "epoch") else int(args.checkpointing_steps)
+        if args.checkpointing_steps is not None:
+            self._check_space(checkpoint_estimate(self.model), measured=False)
         self.progress_bar = tqdm(range(args.max_train_steps), initial=self.completed_steps,
                                  disable=not self.accelerator.is_local_main_process)
         self.model.train()
@@ -348,6 +351,15 @@ class RecipeRun:
             epoch_loss_sum=loss_sum, epoch_loss_count=loss_count), self.args.keep_checkpoints)
         self._optimizer_mode("train")
         logger.info(f"checkpoint: {path}")
+        self._check_space(folder_bytes(path), measured=True)
+
+    def _check_space(self, checkpoint_bytes: int, measured: bool) -> None:
+        """Warns, before training and after each checkpoint, when the disk cannot hold the next checkpoint."""
+        if self.accelerator.is_main_process:
+            warning = space_warning(self.args.output_dir, checkpoint_bytes, self.args.keep_checkpoints,
+                                    measured=measured)
+            if warning:
+                logger.warning(warning)
 
     def _evaluate(self, evaluate: Callable[[], dict], primary_metric: str | None, epoch: int) -> None:
         self.model.eval()
@@ -464,8 +476,9 @@ def run_main(setup: Callable[[], tuple], train: Callable[..., dict], input_error
     ``setup()`` parses and checks everything that can be checked on every rank before any process
     group exists (so a bad path stops all ranks with the same message instead of leaving some waiting
     at a barrier) and returns the arguments for ``train(*inputs, preemption)``.
-    Exit 2: bad input (one clear line, no stack trace); 3: too many skipped updates; 75: preempted after
-    a complete checkpoint (a requeued job resumes with --resume_from_checkpoint latest).
+    Exit 2: bad input (one clear line, no stack trace); 3: too many skipped updates; 74: a checkpoint could not
+    be written (disk full, I/O error; the earlier checkpoints are intact); 75: preempted after a complete
+    checkpoint (a requeued job resumes with --resume_from_checkpoint latest).
     The line is shown once however many processes stop with it (adaptopt/launch.py: exit_with)."""
     preemption = PreemptionSignal.install()  # before the slow start-up: a signal during it counts too
     try:
@@ -480,3 +493,5 @@ def run_main(setup: Callable[[], tuple], train: Callable[..., dict], input_error
         exit_with(f"error: {err}", 3)
     except Preempted as err:
         exit_with(f"preempted: {err}", PREEMPTED_EXIT_CODE)
+    except CheckpointWriteError as err:
+        exit_with(f"error: {err}", WRITE_FAILED_EXIT_CODE)
