@@ -9,8 +9,14 @@ A rename within one filesystem is atomic, so a checkpoint folder without ``.tmp`
 crash mid-write leaves the previous checkpoint untouched. A write that fails (a full disk, an I/O error, a
 permission change) removes its ``.tmp`` folder and raises :class:`CheckpointWriteError`, whose message names
 the cause, the folder, the free and the needed space, and the checkpoint a resume will use. ``progress.json`` records where training
-was (optimizer updates done, epoch, batches consumed in that epoch) so a resumed run continues at the
-same data position.
+was (optimizer updates done, epoch, batches consumed in that epoch, and the number of processes that
+wrote it) so a resumed run continues at the same data position.
+
+Another number of processes: under DDP (or one process) the model and optimizer state are whole in every
+process's copy, so a checkpoint of N processes resumes with M: the data position is converted to the
+same examples consumed (:func:`resume_position`). DeepSpeed ZeRO writes each rank's shard of the optimizer
+state, which DeepSpeed loads only at the world size that wrote it: :func:`check_resume_world` stops such a
+resume before training and says what to do.
 """
 from __future__ import annotations
 
@@ -219,3 +225,53 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
 
 def load_progress(checkpoint: Path) -> dict:
     return json.loads((checkpoint / PROGRESS_FILE).read_text())
+
+
+class ResumeWorldError(ValueError):
+    """A checkpoint that cannot be resumed at this number of processes; the message says what to do."""
+
+
+def _zero_shards(checkpoint: Path) -> int:
+    """Ranks whose ZeRO optimizer shard the checkpoint holds (0: not a DeepSpeed ZeRO checkpoint)."""
+    return len(list(checkpoint.glob("pytorch_model*/*zero_pp_rank_*_optim_states.pt")))
+
+
+def check_resume_world(checkpoint: Path, processes: int, deepspeed: bool) -> None:
+    """Raises ResumeWorldError before any model is loaded when ``checkpoint`` cannot be resumed by ``processes``
+    processes (``deepspeed``: this run uses DeepSpeed)."""
+    progress = load_progress(checkpoint)
+    shards = _zero_shards(checkpoint)
+    written_by = progress.get("num_processes") or shards or None
+    if shards and not deepspeed:
+        raise ResumeWorldError(
+            f"--resume_from_checkpoint {checkpoint}: a DeepSpeed ZeRO checkpoint ({shards} optimizer shards), but "
+            "this run does not use DeepSpeed. Resume it with the DeepSpeed launch config that wrote it.")
+    if deepspeed and not shards and (checkpoint / "optimizer.bin").is_file():
+        raise ResumeWorldError(
+            f"--resume_from_checkpoint {checkpoint}: written without DeepSpeed, but this run uses DeepSpeed. Resume "
+            "it with the launch config that wrote it (DDP or one process).")
+    if shards and written_by != processes:
+        raise ResumeWorldError(
+            f"--resume_from_checkpoint {checkpoint}: written by {written_by} processes under DeepSpeed ZeRO, resumed "
+            f"by {processes}. ZeRO saves each rank's shard of the optimizer state and loads it only at the world "
+            f"size that wrote it (AdaptOpt's pending sums in it are per-rank partial sums). Resume with "
+            f"--num_processes {written_by} (the same total across machines), or start a new run from its weights "
+            f"(the optimizer state starts afresh): python -m deepspeed.utils.zero_to_fp32 {checkpoint} <folder> "
+            "--tag pytorch_model, then --model_name_or_path with that folder and the model's config.")
+    if written_by and not deepspeed:
+        resume_position(progress, processes)  # raises when the data position does not convert
+
+
+def resume_position(progress: dict, processes: int) -> int:
+    """Batches of the checkpoint's epoch each of ``processes`` processes skips so that the run continues after the
+    examples the writing processes had consumed: every process takes every N-th batch of the one seeded order,
+    so N processes that each did b batches consumed its first b x N batches."""
+    written_by = progress.get("num_processes") or processes
+    consumed = progress["batches_in_epoch"] * written_by
+    if consumed % processes:
+        raise ResumeWorldError(
+            f"the checkpoint of update {progress['completed_steps']} was written by {written_by} processes after "
+            f"{consumed} batches of its epoch, which {processes} processes cannot split evenly. Resume with a "
+            f"number of processes that divides {consumed} (e.g. {written_by}), or from a checkpoint at the end of "
+            "an epoch (--checkpointing_steps epoch).")
+    return consumed // processes

@@ -36,8 +36,9 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import cli
-from .checkpointing import (WRITE_FAILED_EXIT_CODE, CheckpointWriteError, checkpoint_estimate, folder_bytes,
-                            load_progress, resolve_resume, save_checkpoint, space_warning)
+from .checkpointing import (WRITE_FAILED_EXIT_CODE, CheckpointWriteError, ResumeWorldError, check_resume_world,
+                            checkpoint_estimate, folder_bytes, load_progress, resolve_resume, resume_position,
+                            save_checkpoint, space_warning)
 from .config_check import ConfigError, RecipeSettings, check_launch_env
 from .deepspeed_run import DeepSpeedRun, fix_cpu_deepspeed_state
 from .divergence import DivergenceMonitor, TooManySkippedUpdates, update_applied
@@ -220,8 +221,18 @@ class RecipeRun:
         if self.ds_run is not None:
             self.ds_run.after_load()
         progress = load_progress(checkpoint)
-        self.completed_steps, self.start_epoch, self.batches_done = (
-            progress["completed_steps"], progress["epoch"], progress["batches_in_epoch"])
+        # Under DDP another number of processes continues after the same examples (adaptopt/checkpointing.py);
+        # DeepSpeed resumes only at the world size that wrote the checkpoint (checked before start-up)
+        batches = (progress["batches_in_epoch"] if self.ds_run is not None
+                   else resume_position(progress, self.accelerator.num_processes))
+        self.completed_steps, self.start_epoch, self.batches_done = progress["completed_steps"], progress["epoch"], batches
+        written_by = progress.get("num_processes", self.accelerator.num_processes)
+        if written_by != self.accelerator.num_processes:
+            # accelerate's micro-batch count in the epoch, which places the accumulation boundaries, was restored as
+            # the writing processes counted (and not at all on a process beyond them)
+            self.accelerator.step = batches
+            logger.info(f"checkpoint written by {written_by} processes, resumed by {self.accelerator.num_processes}: "
+                        f"each skips {batches} batches of epoch {self.start_epoch}")
         # (a checkpoint written before these were saved restarts the sum: train_loss then covers the batches
         # after the resume)
         self.losses.start_epoch(restored=(progress.get("epoch_loss_sum", 0.0), progress.get("epoch_loss_count", 0)))
@@ -348,6 +359,7 @@ class RecipeRun:
         self._optimizer_mode("eval")
         path = save_checkpoint(self.accelerator, self.args.output_dir, dict(
             completed_steps=self.completed_steps, epoch=epoch, batches_in_epoch=batches_in_epoch,
+            num_processes=self.accelerator.num_processes,
             epoch_loss_sum=loss_sum, epoch_loss_count=loss_count), self.args.keep_checkpoints)
         self._optimizer_mode("train")
         logger.info(f"checkpoint: {path}")
@@ -465,6 +477,9 @@ def check_run_inputs(args) -> Path | None:
 
     Raises FileNotFoundError / ConfigError, which run_main turns into a one-line error."""
     checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    if checkpoint is not None:  # torchrun and accelerate set these before the recipe starts
+        check_resume_world(checkpoint, int(os.environ.get("WORLD_SIZE", "1")),
+                           deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true")
     check_launch_env(RecipeSettings(args.per_device_train_batch_size, args.gradient_accumulation_steps,
                                     args.max_grad_norm or None))
     return checkpoint
@@ -483,7 +498,7 @@ def run_main(setup: Callable[[], tuple], train: Callable[..., dict], input_error
     preemption = PreemptionSignal.install()  # before the slow start-up: a signal during it counts too
     try:
         inputs = setup()
-    except (*input_errors, ModelNotFoundError, FileNotFoundError, ConfigError) as err:
+    except (*input_errors, ModelNotFoundError, FileNotFoundError, ConfigError, ResumeWorldError) as err:
         exit_with(f"error: {err}", 2)
     try:
         return train(*inputs, preemption)

@@ -149,3 +149,117 @@ def test_the_recipe_on_a_full_disk_exits_74_with_one_message_and_its_previous_ch
         assert json.loads((out / "results.json").read_text())["resumed_from"].endswith("step_00000002")
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def _checkpoint(tmp_path, name, shards=0, **progress):
+    folder = tmp_path / name
+    (folder / "pytorch_model").mkdir(parents=True)
+    for rank in range(shards):
+        (folder / "pytorch_model" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (folder / "progress.json").write_text(json.dumps(dict(completed_steps=3, epoch=0, **progress)))
+    return folder
+
+
+def test_a_ddp_checkpoint_resumes_at_another_world_size_after_the_same_examples(tmp_path):
+    from adaptopt.checkpointing import ResumeWorldError, check_resume_world, resume_position
+
+    # 2 processes that did 3 batches each consumed the first 6 batches of the seeded order
+    assert resume_position(dict(completed_steps=3, batches_in_epoch=3, num_processes=2), 1) == 6
+    assert resume_position(dict(completed_steps=3, batches_in_epoch=3, num_processes=2), 3) == 2
+    assert resume_position(dict(completed_steps=3, batches_in_epoch=3), 4) == 3  # written before the count was kept
+    with pytest.raises(ResumeWorldError, match="written by 2 processes after 6 batches of its epoch, which 4 "
+                                               "processes cannot split evenly"):
+        resume_position(dict(completed_steps=3, batches_in_epoch=3, num_processes=2), 4)
+    ddp = _checkpoint(tmp_path, "ddp", batches_in_epoch=3, num_processes=2)
+    check_resume_world(ddp, 1, deepspeed=False)
+    with pytest.raises(ResumeWorldError, match="cannot split evenly"):
+        check_resume_world(ddp, 4, deepspeed=False)
+
+
+def test_a_zero_checkpoint_at_another_world_size_stops_with_what_to_do(tmp_path):
+    from adaptopt.checkpointing import ResumeWorldError, check_resume_world
+
+    zero = _checkpoint(tmp_path, "zero", shards=2, batches_in_epoch=3, num_processes=2)
+    check_resume_world(zero, 2, deepspeed=True)
+    with pytest.raises(ResumeWorldError, match=r"written by 2 processes under DeepSpeed ZeRO, resumed by 1\. .*"
+                                               r"Resume with --num_processes 2 .*deepspeed\.utils\.zero_to_fp32"):
+        check_resume_world(zero, 1, deepspeed=True)
+    with pytest.raises(ResumeWorldError, match="this run does not use DeepSpeed"):
+        check_resume_world(zero, 2, deepspeed=False)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result(glue_dir, tiny_bert, tmp_path):
+    """2 DDP processes (batch 16 each) to update 6, checkpointing at 3; the checkpoint resumed by one process with
+    2 accumulation steps (the same 32 examples per update, in the same order) ends with the 2 processes' model,
+    optimizer state and train loss. Dropout is off: each process draws its own masks, which no resume carries
+    over to another world size."""
+    from safetensors.torch import load_file
+
+    from conftest import launch
+
+    model = tmp_path / "no-dropout"
+    shutil.copytree(tiny_bert, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+
+    def run(out, processes, *extra):
+        proc = launch("recipes/glue.py", common(glue_dir, model, out, "--max_train_steps", "6", "--keep_checkpoints",
+                                                "3", "--save_model", *extra), processes=processes, check=False)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    run(tmp_path / "two", 2, "--checkpointing_steps", "3")
+    checkpoint = tmp_path / "two" / "checkpoints" / "step_00000003"
+    assert json.loads((checkpoint / "progress.json").read_text())["num_processes"] == 2
+    one = run(tmp_path / "one", 1, "--gradient_accumulation_steps", "2", "--checkpointing_steps", "6",
+              "--resume_from_checkpoint", str(checkpoint))
+    assert "checkpoint written by 2 processes, resumed by 1: each skips 6 batches of epoch 0" in one.stderr
+    a = json.loads((tmp_path / "two" / "results.json").read_text())
+    b = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert b["num_processes"] == 1 and b["total_batch_size"] == a["total_batch_size"] == 32
+    # DDP's all-reduce and accumulation add the same gradients in another order: equal to float rounding
+    for key in ("accuracy", "f1", "train_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    wa, wb = (load_file(out / "model" / "model.safetensors") for out in (tmp_path / "two", tmp_path / "one"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
+    # AdaptOpt's per-parameter state (moments, Mechanic's x0), its group scalars and the clipper's and Mechanic's
+    # hooked state, as the two runs saved them at update 6
+    sa, sb = (torch.load(out / "checkpoints" / "step_00000006" / "optimizer.bin", weights_only=False)
+              for out in (tmp_path / "two", tmp_path / "one"))
+    assert sa["state"].keys() == sb["state"].keys() and {"exp_avg", "exp_avg_sq", "x0"} <= set(sa["state"][0])
+    for i in sa["state"]:
+        for key, value in sa["state"][i].items():
+            assert torch.allclose(torch.as_tensor(value), torch.as_tensor(sb["state"][i][key]), rtol=1e-4,
+                                  atol=1e-7), (i, key)
+    for ga, gb in zip(sa["param_groups"], sb["param_groups"]):
+        assert ga["index"] == gb["index"] and ga["pending_step"] == gb["pending_step"]
+        for key in ("lr_scale", "path_cos", "pending_stats"):
+            assert ga[key] == pytest.approx(gb[key], rel=1e-4, abs=1e-8), key
+    assert sa["grad_clipper"] == pytest.approx(sb["grad_clipper"], rel=1e-4)
+    for key in ("s", "m", "v", "r", "pending"):
+        assert sa["lr_tuner"][key] == pytest.approx(sb["lr_tuner"][key], rel=1e-4, abs=1e-10), key
+
+
+@pytest.mark.slow
+def test_a_zero2_run_of_two_processes_resumed_by_one_stops_before_training(glue_dir, tiny_bert, tmp_path):
+    from conftest import launch
+
+    out = tmp_path / "zero2"
+    first = launch("recipes/glue.py", common(glue_dir, tiny_bert, out, "--max_train_steps", "2",
+                                              "--checkpointing_steps", "2"), processes=2, ds_config="zero2.json",
+                   check=False)
+    assert first.returncode == 0, first.stderr[-4000:]
+    again = launch("recipes/glue.py", [*common(glue_dir, tiny_bert, out, "--max_train_steps", "4"),
+                                       "--resume_from_checkpoint", "latest"], processes=1, ds_config="zero2.json",
+                   check=False)
+    assert again.returncode == 2, again.stderr[-4000:]
+    errors = [x for x in again.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "written by 2 processes under DeepSpeed ZeRO, resumed by 1" in errors[0]
+    assert "model: " not in again.stderr  # stopped before loading the model
+    # the way out the message gives: the weights, gathered from the shards by DeepSpeed's own script
+    fp32 = subprocess.run([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(out / "checkpoints" /
+                           "step_00000002"), str(tmp_path / "fp32"), "--tag", "pytorch_model"],
+                          capture_output=True, text=True, timeout=300)
+    assert fp32.returncode == 0 and any((tmp_path / "fp32").iterdir()), fp32.stderr[-3000:]
