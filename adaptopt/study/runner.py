@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..cli import FLAG_HYPERPARAMETERS
+from ..launch import ACCELERATE_LAUNCH
 from ..registry import default_hyperparameters
 from .config import REPO, RunSpec, Study, StudyConfigError
 from .files import write_atomically
@@ -84,15 +84,16 @@ def run_status(directory: Path) -> str:
 
 
 def launch_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
-    """The exact command of one run: what `accelerate launch <launcher> <recipe> <args>` runs."""
-    return [sys.executable, "-m", "accelerate.commands.launch", *study.launcher, str(study.recipe),
+    """The exact command of one run: `accelerate launch <launcher> <recipe> <args>`, run in-process by
+    adaptopt.launch so that the run's exit code is the recipe's (2 bad input, 3 diverged, ...), not 1."""
+    return [*ACCELERATE_LAUNCH, *study.launcher, str(study.recipe),
             *spec.launch_args(), "--output_dir", str(out)]
 
 
 def portable_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
     """``launch_command`` as run.json and the report show it: no path of this machine (``${GLUE_DIR}`` as the
     study file writes it, the recipe and the run folder relative to the repository when they are inside it)."""
-    return ["python", "-m", "accelerate.commands.launch", *study.launcher, portable_path(study.recipe),
+    return ["python", "-m", "adaptopt.launch", *study.launcher, portable_path(study.recipe),
             *spec.recipe_args(), "--output_dir", portable_path(out)]
 
 
@@ -255,7 +256,8 @@ class Runner:
                     omp_num_threads=self.threads, attempts=previous.get("attempts", 0) + 1,
                     started=datetime.now(timezone.utc).isoformat(timespec="seconds"), status="running")
         _write_json(out / "run.json", info)
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads),  # and the launcher imports this adaptopt
+                   PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
         start = time.perf_counter()
         returncode, timed_out = None, False
         with open(out / "stdout.log", "w") as stdout, open(out / "stderr.log", "w") as stderr:
