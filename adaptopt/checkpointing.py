@@ -250,11 +250,13 @@ def check_resume_world(checkpoint: Path, processes: int, deepspeed: bool) -> Non
         raise ResumeWorldError(
             f"--resume_from_checkpoint {checkpoint}: written without DeepSpeed, but this run uses DeepSpeed. Resume "
             "it with the launch config that wrote it (DDP or one process).")
-    if shards and written_by != processes:
+    if deepspeed and written_by and written_by != processes:
         raise ResumeWorldError(
             f"--resume_from_checkpoint {checkpoint}: written by {written_by} processes under DeepSpeed ZeRO, resumed "
-            f"by {processes}. ZeRO saves each rank's shard of the optimizer state and loads it only at the world "
-            f"size that wrote it (AdaptOpt's pending sums in it are per-rank partial sums). Resume with "
+            f"by {processes}. " + ("ZeRO saves each rank's shard of the optimizer state and loads it only at the world "
+                                   "size that wrote it (AdaptOpt's pending sums in it are per-rank partial sums). "
+                                   if shards else "A ZeRO-0 resume at another world size is not supported. ") +
+            f"Resume with "
             f"--num_processes {written_by} (the same total across machines), or start a new run from its weights "
             f"(the optimizer state starts afresh): python -m deepspeed.utils.zero_to_fp32 {checkpoint} <folder> "
             "--tag pytorch_model, then --model_name_or_path with that folder and the model's config.")

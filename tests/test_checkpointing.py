@@ -186,6 +186,14 @@ def test_a_zero_checkpoint_at_another_world_size_stops_with_what_to_do(tmp_path)
         check_resume_world(zero, 1, deepspeed=True)
     with pytest.raises(ResumeWorldError, match="this run does not use DeepSpeed"):
         check_resume_world(zero, 2, deepspeed=False)
+    zero0 = _checkpoint(tmp_path, "zero0", batches_in_epoch=3, num_processes=2)  # no shards: one full state
+    check_resume_world(zero0, 2, deepspeed=True)
+    with pytest.raises(ResumeWorldError, match="A ZeRO-0 resume at another world size is not supported"):
+        check_resume_world(zero0, 1, deepspeed=True)
+    ddp = _checkpoint(tmp_path, "ddp", batches_in_epoch=3, num_processes=2)
+    (ddp / "optimizer.bin").write_bytes(b"")
+    with pytest.raises(ResumeWorldError, match="written without DeepSpeed, but this run uses DeepSpeed"):
+        check_resume_world(ddp, 2, deepspeed=True)
 
 
 @pytest.mark.slow
