@@ -93,7 +93,9 @@ def launch_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
 def portable_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
     """``launch_command`` as run.json and the report show it: no path of this machine (``${GLUE_DIR}`` as the
     study file writes it, the recipe and the run folder relative to the repository when they are inside it)."""
-    return ["python", "-m", "adaptopt.launch", *study.launcher, portable_path(study.recipe),
+    # accelerate's own launcher: the same run (adaptopt.launch only passes the recipe's exit code through), and the
+    # command the committed run records hold
+    return ["python", "-m", "accelerate.commands.launch", *study.launcher, portable_path(study.recipe),
             *spec.recipe_args(), "--output_dir", portable_path(out)]
 
 
