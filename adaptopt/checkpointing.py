@@ -191,10 +191,11 @@ def space_warning(output_dir: str | Path, checkpoint_bytes: int, keep_last: int 
     free = shutil.disk_usage(where).free
     if free >= needed:
         return None
-    size = f"{_mb(checkpoint_bytes)} each ({'measured' if measured else 'estimated from the parameter count'})"
-    return (f"{where} has {_mb(free)} free, less than the {_mb(needed)} that --keep_checkpoints {keep} needs for "
-            f"checkpoints of {size} plus the one being written: a checkpoint write will fail when the disk is "
-            f"full. Free space, lower --keep_checkpoints, or give --output_dir on a larger disk.")
+    size = f"{_mb(checkpoint_bytes)} each, {'measured' if measured else 'estimated from the parameter count'}"
+    return (f"{where} has {_mb(free)} free, less than the {_mb(needed)} still to be written: --keep_checkpoints "
+            f"{keep} keeps {keep} checkpoints ({size}; {len(existing)} already there) and writes the next one before "
+            f"it removes the oldest. A checkpoint write will fail when the disk is full. Free space, lower "
+            f"--keep_checkpoints, or give --output_dir on a larger disk.")
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

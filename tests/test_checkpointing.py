@@ -104,8 +104,8 @@ def test_the_space_warning_counts_the_kept_checkpoints_and_the_one_being_written
     assert estimate == 160_400 * 4 * 4  # fp32 weights + 3 fp32 state tensors per trainable element
     assert space_warning(tmp_path, 1000, 2, measured=True) is None
     warning = space_warning(tmp_path, 2**60, 2, measured=False)
-    assert "less than the 3,298,534,883,328.0 MB that --keep_checkpoints 2 needs" in warning
-    assert "(estimated from the parameter count) plus the one being written" in warning
+    assert "less than the 3,298,534,883,328.0 MB still to be written: --keep_checkpoints 2 keeps 2 checkpoints " \
+           "(1,099,511,627,776.0 MB each, estimated from the parameter count; 0 already there)" in warning
 
 
 def test_a_small_disk_is_warned_about_before_training(small_disk):
