@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 
+from .launch import exit_with
 from .optim import ADAPTIVE_LR_RULES
 from .registry import SCHEDULE_FREE, OPTIMIZERS, build_optimizer, default_hyperparameters, optimizer_class
 from .schedules import SCHEDULES, Plateau, build_scheduler
@@ -87,6 +89,9 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
+    # A usage error shows once, not once per process: under torchrun it goes to the launcher's error file
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        parser.error = lambda message: exit_with(f"{parser.prog}: error: {message}", 2)
     g = parser.add_argument_group("evaluation, checkpoints, tracking")
     g.add_argument("--output_dir", required=True, help="where results.json, checkpoints and the model go")
     g.add_argument("--eval_steps", type=int, default=0, help="evaluate every N updates (0: at the end of each epoch)")

@@ -19,6 +19,14 @@ every caller (``launch/run.py`` for users, the benchmarks, the optimizer study, 
 - **DeepSpeed**: ``ACCELERATE_USE_CPU`` would silently turn DeepSpeed off, so it is removed from the
   environment. DeepSpeed picks its CPU accelerator itself, and the recipes fix accelerate's process count
   at start-up (``adaptopt.deepspeed_run.fix_cpu_deepspeed_state``).
+
+And one catch on every machine: ``accelerate launch`` exits 1 whatever the recipe's exit code was (2 bad
+input, 3 too many skipped updates, 75 preempted: adaptopt/training.py), and shows a failure of N processes
+as N copies of the error under torchrun's ``ChildFailedError`` traceback. The command built here runs
+accelerate's own launcher in-process (``python -m adaptopt.launch``, :func:`launch`), which reads the
+children's exit codes and torchrun's per-rank error files and ends with the recipe's code and each distinct
+error once. The recipe's side is :func:`exit_with`: under torchrun it writes its one line to
+``TORCHELASTIC_ERROR_FILE`` (the file torchrun's ``@record`` writes) instead of printing it on every rank.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -34,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 # accelerate configs of the repository's launch/ folder, for launcher_args(deepspeed_config=...)
 DEEPSPEED_SINGLE_NODE = REPO / "launch" / "deepspeed_single_node.yaml"
 DEEPSPEED_MULTI_NODE = REPO / "launch" / "deepspeed_multi_node.yaml"
-ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+# accelerate launch, run in-process by launch() below so that the recipe's exit code reaches the caller
+ACCELERATE_LAUNCH = [sys.executable, "-m", "adaptopt.launch"]
 
 
 def split_command(argv: list[str]) -> tuple[list[str], str, list[str]]:
@@ -139,6 +149,8 @@ def recipe_command(launcher: list[str], recipe: str | Path, recipe_args: Iterabl
             args = ["--num_cpu_threads_per_process", str(threads), *args]
     elif not cuda and chosen is None and "OMP_NUM_THREADS" not in environ:
         args = ["--num_cpu_threads_per_process", str(threads_per_process(args, cores or available_cores())), *args]
+    # the launcher process imports this adaptopt (python -m adaptopt.launch), also from a checkout not installed
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     if not cuda:
         distributed = _config_value(args, "distributed_type")
         if "--use_deepspeed" in args or distributed == "DEEPSPEED":
@@ -198,3 +210,77 @@ def run_recipe(launcher: list[str], recipe: str | Path, recipe_args: Iterable[st
     if check and proc.returncode != 0:
         raise RecipeFailed(cmd, proc.returncode, tail, log)
     return proc
+
+
+# -- exit codes and errors through the launcher ---------------------------------------------------------
+
+def exit_with(message: str, code: int):
+    """Ends a recipe process with ``code`` and ``message`` shown once. Under torchrun (DDP, DeepSpeed) the
+    message goes to this rank's ``TORCHELASTIC_ERROR_FILE``, which the launcher reads (:func:`launch` prints
+    each distinct one once; plain ``accelerate launch`` and ``torchrun`` show it in their failure table);
+    in a process of its own it goes to stderr."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        # the format torch.distributed.elastic's ProcessFailure reads: a plain message and its time
+        Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    else:
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def shell_code(returncode: int) -> int:
+    """A child's return code as a shell reports it: a signal N (Python's -N) is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def failure_report(failures: dict) -> tuple[int, list[str]]:
+    """(exit code, lines to show) for torchrun's per-rank failures ({rank: ProcessFailure}).
+
+    The code is the recipe's own: when one rank exits with 2, 3 or 75 torchrun stops the others with
+    SIGTERM, so a rank that exited by itself is preferred to one that was killed; then the lowest rank.
+    The lines are the distinct messages of the error files, in rank order; a rank that left none (a
+    crash: its traceback is in the output above) or was killed gets one line saying so."""
+    ranks = sorted(failures)
+    own = [r for r in ranks if failures[r].exitcode > 0]
+    code = shell_code(failures[(own or ranks)[0]].exitcode)
+    lines: list[str] = []
+    for rank in (own or ranks):
+        failure = failures[rank]
+        message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        if failure.error_file_data.get("message") in (None, "<NONE>") or not message:
+            if failure.exitcode < 0:
+                message = f"rank {rank} was killed by {failure.signal_name()}"
+            else:
+                message = f"rank {rank} exited with code {failure.exitcode} (its traceback is in the output above)"
+        if message not in lines:
+            lines.append(message)
+    return code, lines
+
+
+def launch(argv: list[str]) -> int:
+    """``accelerate launch argv`` in this process; returns the recipe's exit code (the lowest rank's that
+    exited by itself, see failure_report) and prints its errors once, with no launcher traceback."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    # torchrun's agent logs each failed rank ("failed (exitcode: 2) local_rank: 0 ... of binary ...") and each
+    # rank it stops; the report below says the same once, in the recipe's words
+    import logging
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    args.quiet = False  # accelerate's --quiet swallows the failure into exit 1: the exceptions carry the codes
+    try:
+        launch_command(args)
+    except subprocess.CalledProcessError as err:  # one process: it printed its own error
+        return shell_code(err.returncode)
+    except ChildFailedError as err:
+        code, lines = failure_report(err.failures)
+        for line in lines:
+            print(line, file=sys.stderr)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(launch(sys.argv[1:]))

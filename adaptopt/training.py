@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,10 +36,13 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import cli
-from .checkpointing import load_progress, resolve_resume, save_checkpoint
+from .checkpointing import (WRITE_FAILED_EXIT_CODE, CheckpointWriteError, ResumeWorldError, check_resume_world,
+                            checkpoint_estimate, folder_bytes, load_progress, resolve_resume, resume_position,
+                            save_checkpoint, space_warning)
 from .config_check import ConfigError, RecipeSettings, check_launch_env
 from .deepspeed_run import DeepSpeedRun, fix_cpu_deepspeed_state
 from .divergence import DivergenceMonitor, TooManySkippedUpdates, update_applied
+from .launch import exit_with
 from .memory import MemoryTracker, format_report, numel, peak_memory_mb
 from .models import ModelNotFoundError
 from .optim import AdaptOpt
@@ -219,8 +221,18 @@ class RecipeRun:
         if self.ds_run is not None:
             self.ds_run.after_load()
         progress = load_progress(checkpoint)
-        self.completed_steps, self.start_epoch, self.batches_done = (
-            progress["completed_steps"], progress["epoch"], progress["batches_in_epoch"])
+        # Under DDP another number of processes continues after the same examples (adaptopt/checkpointing.py);
+        # DeepSpeed resumes only at the world size that wrote the checkpoint (checked before start-up)
+        batches = (progress["batches_in_epoch"] if self.ds_run is not None
+                   else resume_position(progress, self.accelerator.num_processes))
+        self.completed_steps, self.start_epoch, self.batches_done = progress["completed_steps"], progress["epoch"], batches
+        written_by = progress.get("num_processes", self.accelerator.num_processes)
+        if written_by != self.accelerator.num_processes:
+            # accelerate's micro-batch count in the epoch, which places the accumulation boundaries, was restored as
+            # the writing processes counted (and not at all on a process beyond them)
+            self.accelerator.step = batches
+            logger.info(f"checkpoint written by {written_by} processes, resumed by {self.accelerator.num_processes}: "
+                        f"each skips {batches} batches of epoch {self.start_epoch}")
         # (a checkpoint written before these were saved restarts the sum: train_loss then covers the batches
         # after the resume)
         self.losses.start_epoch(restored=(progress.get("epoch_loss_sum", 0.0), progress.get("epoch_loss_count", 0)))
@@ -239,6 +251,8 @@ class RecipeRun:
         logger.info(f"{self.train_examples} training examples, {self.num_epochs} epochs, {args.max_train_steps} "
                     f"updates of {self.total_batch} examples; optimizer {args.optimizer}, schedule {args.lr_scheduler}")
         self.checkpoint_every = None if args.checkpointing_steps in (None, "epoch") else int(args.checkpointing_steps)
+        if args.checkpointing_steps is not None:
+            self._check_space(checkpoint_estimate(self.model), measured=False)
         self.progress_bar = tqdm(range(args.max_train_steps), initial=self.completed_steps,
                                  disable=not self.accelerator.is_local_main_process)
         self.model.train()
@@ -345,9 +359,19 @@ class RecipeRun:
         self._optimizer_mode("eval")
         path = save_checkpoint(self.accelerator, self.args.output_dir, dict(
             completed_steps=self.completed_steps, epoch=epoch, batches_in_epoch=batches_in_epoch,
+            num_processes=self.accelerator.num_processes,
             epoch_loss_sum=loss_sum, epoch_loss_count=loss_count), self.args.keep_checkpoints)
         self._optimizer_mode("train")
         logger.info(f"checkpoint: {path}")
+        self._check_space(folder_bytes(path), measured=True)
+
+    def _check_space(self, checkpoint_bytes: int, measured: bool) -> None:
+        """Warns, before training and after each checkpoint, when the disk cannot hold the next checkpoint."""
+        if self.accelerator.is_main_process:
+            warning = space_warning(self.args.output_dir, checkpoint_bytes, self.args.keep_checkpoints,
+                                    measured=measured)
+            if warning:
+                logger.warning(warning)
 
     def _evaluate(self, evaluate: Callable[[], dict], primary_metric: str | None, epoch: int) -> None:
         self.model.eval()
@@ -453,6 +477,9 @@ def check_run_inputs(args) -> Path | None:
 
     Raises FileNotFoundError / ConfigError, which run_main turns into a one-line error."""
     checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    if checkpoint is not None:  # torchrun and accelerate set these before the recipe starts
+        check_resume_world(checkpoint, int(os.environ.get("WORLD_SIZE", "1")),
+                           deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true")
     check_launch_env(RecipeSettings(args.per_device_train_batch_size, args.gradient_accumulation_steps,
                                     args.max_grad_norm or None))
     return checkpoint
@@ -464,22 +491,22 @@ def run_main(setup: Callable[[], tuple], train: Callable[..., dict], input_error
     ``setup()`` parses and checks everything that can be checked on every rank before any process
     group exists (so a bad path stops all ranks with the same message instead of leaving some waiting
     at a barrier) and returns the arguments for ``train(*inputs, preemption)``.
-    Exit 2: bad input (one clear line, no stack trace); 3: too many skipped updates; 75: preempted after
-    a complete checkpoint (a requeued job resumes with --resume_from_checkpoint latest)."""
+    Exit 2: bad input (one clear line, no stack trace); 3: too many skipped updates; 74: a checkpoint could not
+    be written (disk full, I/O error; the earlier checkpoints are intact); 75: preempted after a complete
+    checkpoint (a requeued job resumes with --resume_from_checkpoint latest).
+    The line is shown once however many processes stop with it (adaptopt/launch.py: exit_with)."""
     preemption = PreemptionSignal.install()  # before the slow start-up: a signal during it counts too
     try:
         inputs = setup()
-    except (*input_errors, ModelNotFoundError, FileNotFoundError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (*input_errors, ModelNotFoundError, FileNotFoundError, ConfigError, ResumeWorldError) as err:
+        exit_with(f"error: {err}", 2)
     try:
         return train(*inputs, preemption)
     except input_errors as err:  # bad input that shows only once the model is loaded: same line, same code
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(f"error: {err}", 2)
     except TooManySkippedUpdates as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(3)
+        exit_with(f"error: {err}", 3)
     except Preempted as err:
-        print(f"preempted: {err}", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        exit_with(f"preempted: {err}", PREEMPTED_EXIT_CODE)
+    except CheckpointWriteError as err:
+        exit_with(f"error: {err}", WRITE_FAILED_EXIT_CODE)

@@ -11,17 +11,21 @@ cores / processes-per-machine threads unless you set ``OMP_NUM_THREADS`` or ``--
 (accelerate alone would give each one thread), and makes multi-process DDP and DeepSpeed run on CPU
 processes: ``adaptopt/launch.py`` says how, and is what the benchmarks, the optimizer study and the tests
 launch recipes through too.
+
+It exits with the recipe's exit code (0 done, 2 bad input, 3 too many skipped updates, 75 preempted after a
+checkpoint), where ``accelerate launch`` exits 1 on any failure, and shows each distinct error line once
+instead of once per process under a launcher traceback.
 """
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 # Runnable as a plain script from a checkout: make the repository's adaptopt importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaptopt.launch import recipe_command, split_command  # noqa: E402
+from adaptopt.launch import ACCELERATE_LAUNCH, launch, recipe_command, split_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch/run.py: error: {err}", file=sys.stderr)
         return 2
     cmd, env = recipe_command(launcher, recipe, recipe_args)
-    return subprocess.call(cmd, env=env)
+    # in this process: a signal to it (scancel, Ctrl-C) reaches accelerate's launcher, which stops the recipe
+    os.environ.clear()
+    os.environ.update(env)
+    return launch(cmd[len(ACCELERATE_LAUNCH):])
 
 
 if __name__ == "__main__":

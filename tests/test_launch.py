@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from adaptopt.launch import (RecipeFailed, command_line, launcher_args, recipe_command, results_of, run_recipe,
-                             split_command, threads_per_process)
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+from adaptopt.launch import (RecipeFailed, command_line, exit_with, failure_report, launcher_args, recipe_command,
+                             results_of, run_recipe, split_command, threads_per_process)
 from conftest import REPO, _free_port
 from test_glue_recipe import common
 
@@ -61,8 +63,11 @@ def test_concurrent_runs_share_the_cores():
 
 
 def test_gpu_machines_run_accelerate_unchanged():
-    cmd, env = recipe_command(DDP, "x.py", ["--a"], environ={"A": "1"}, cuda=True)
-    assert env == {"A": "1"} and cmd == [sys.executable, "-m", "accelerate.commands.launch", *DDP, "x.py", "--a"]
+    """accelerate's own options and environment; only the process in between (adaptopt.launch, which keeps the
+    recipe's exit code) and the path it imports adaptopt from are added."""
+    cmd, env = recipe_command(DDP, "x.py", ["--a"], environ={"A": "1", "PYTHONPATH": "elsewhere"}, cuda=True)
+    assert env == {"A": "1", "PYTHONPATH": os.pathsep.join([str(REPO), "elsewhere"])}
+    assert cmd == [sys.executable, "-m", "adaptopt.launch", *DDP, "x.py", "--a"]
 
 
 def test_launcher_args_of_the_usual_cases():
@@ -134,3 +139,57 @@ def test_ddp_config_runs_two_processes_on_cpu(glue_dir, tiny_bert, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((out / "results.json").read_text())["num_processes"] == 2
+
+
+def _failure(tmp_path, rank, exitcode, message=None, monkeypatch=None):
+    """torchrun's record of one failed rank; with ``message``, the error file that rank's exit_with wrote."""
+    error_file = tmp_path / f"error_{len(list(tmp_path.iterdir()))}.json"  # a fresh one for each failure
+    if message is None:
+        error_file.mkdir()  # keeps the name taken; torchrun sees no error file
+    else:
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        with pytest.raises(SystemExit) as stop:
+            exit_with(message, exitcode)
+        assert stop.value.code == exitcode
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(error_file))
+
+
+def test_failure_report_gives_the_recipes_code_and_each_message_once(tmp_path, monkeypatch, capsys):
+    same = {r: _failure(tmp_path, r, 2, "error: no such file x.tsv", monkeypatch) for r in (0, 1)}
+    assert failure_report(same) == (2, ["error: no such file x.tsv"])
+    assert capsys.readouterr().err == ""  # under torchrun the line goes to the error file, not to every rank's stderr
+    # rank 1 preempted itself, torchrun then stopped rank 0 with SIGTERM: the code is the one the recipe chose
+    stopped = {0: _failure(tmp_path, 0, -15), 1: _failure(tmp_path, 1, 75, "preempted: after update 3", monkeypatch)}
+    assert failure_report(stopped) == (75, ["preempted: after update 3"])
+    # a crash leaves no error file: its traceback is in the output; a kill is named
+    assert failure_report({0: _failure(tmp_path, 0, 1)}) == (
+        1, ["rank 0 exited with code 1 (its traceback is in the output above)"])
+    assert failure_report({0: _failure(tmp_path, 0, -9)}) == (137, ["rank 0 was killed by SIGKILL"])
+
+
+def test_outside_torchrun_the_error_goes_to_stderr(monkeypatch, capsys):
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        exit_with("error: the reason", 3)
+    assert stop.value.code == 3 and capsys.readouterr().err == "error: the reason\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_run_py_exits_with_the_recipes_code_and_one_error_line(glue_dir, tiny_bert, tmp_path, processes):
+    """The real recipe through launch/run.py (accelerate launch, torchrun for 2 processes): a bad input ends in
+    exit 2 and its line shown once, with no launcher traceback (accelerate launch alone: exit 1, a
+    CalledProcessError or ChildFailedError traceback, the line once per process)."""
+    launcher = (DDP if processes == 2 else ["--num_processes", "1"]) + [
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+        str(_free_port())]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for bad, line in [(["--data_dir", str(tmp_path / "nowhere")], "MRPC"),  # a missing file: FileNotFoundError
+                      (["--max_grad_norm", "-1"], "glue.py: error: --max_grad_norm must be >= 0")]:  # argparse
+        cmd = [sys.executable, str(REPO / "launch" / "run.py"), *launcher, str(REPO / "recipes" / "glue.py"),
+               *common(glue_dir, tiny_bert, tmp_path / "out"), *bad]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        errors = [x for x in proc.stderr.splitlines() if "error:" in x]
+        assert proc.returncode == 2, proc.stderr[-4000:]
+        assert len(errors) == 1 and line in errors[0], proc.stderr[-4000:]
+        assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-4000:]

@@ -106,11 +106,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(script, cluster,
 
     assert "USR1: asking the training processes to checkpoint and stop" in log
     assert "[rank 0] got SIGUSR1" in log and "[rank 1] got SIGUSR1" in log
-    assert "exitcode  : 75" in log and "requeueing job" in log and "restart 1" in log
+    assert "requeueing job" in log and "restart 1" in log
+    if not multi:  # the recipe's exit code reaches the batch script through srun and the launcher
+        assert "step stopped after the signal (exit 75)" in log
     r, ref = results(out), single_node_run[0]
     stopped = int(r["resumed_from"].rsplit("_", 1)[1])
     assert 20 < stopped < STEPS  # the preemption checkpoint (not the scheduled one at 20)
-    assert log.count("stopped for preemption after update") == 2  # both ranks, at the same update
+    # both ranks stop at the same update; each node's launcher shows the line once
+    assert log.count("stopped for preemption after update") == (2 if multi else 1)
     assert f"stopped for preemption after update {stopped};" in log
     assert not list((out / "checkpoints").glob("*.tmp"))
     assert r["completed_steps"] == STEPS and r["num_processes"] == 2

@@ -93,6 +93,8 @@ def launch_command(study: Study, spec: RunSpec, out: Path, threads: int) -> tupl
 def portable_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
     """``launch_command`` as run.json and the report show it: no path of this machine (``${GLUE_DIR}`` as the
     study file writes it, the recipe and the run folder relative to the repository when they are inside it)."""
+    # accelerate's own launcher: the same run (adaptopt.launch only passes the recipe's exit code through), and the
+    # command the committed run records hold
     return ["python", "-m", "accelerate.commands.launch", *study.launcher, portable_path(study.recipe),
             *spec.recipe_args(), "--output_dir", portable_path(out)]
 
@@ -160,8 +162,8 @@ def stderr_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
 def error_line(tail: str) -> str:
     """The line that says what went wrong: the recipe's `error: ...` or the exception's last line.
 
-    accelerate launch ends every failure with its own CalledProcessError traceback (and exit code 1,
-    whatever the recipe's was), which says nothing about the cause, so it is skipped."""
+    A recipe run with plain ``accelerate launch`` ends with accelerate's CalledProcessError traceback, which
+    says nothing about the cause, so it is skipped."""
     lines = [line.strip() for line in tail.splitlines() if "CalledProcessError" not in line]
     for line in reversed(lines):
         if _ERROR.search(line):
