@@ -19,6 +19,9 @@ Rows (one engine each, the recipes' hyperparameters: lr 2e-5, betas (0.9, 0.999)
 - AdaptOpt native with the adaptive parts off (AdamW's math): the cost of the adaptive parts;
 - torch AdamW (fused): torch's own C++ kernel, for context.
 
+The script reports both engine.step() and, inside it, the optimizer's own step() (timed by step hooks): the
+engine's share is the same for every row, so the target is judged on the optimizer's own step.
+
 Steps run round-robin (one step of each engine per round, the order rotated every round) after
 ``--warmup`` untimed rounds, so a slow spell of the machine hits every row alike. Each row's ratio to
 DeepSpeedCPUAdam is taken within each round and the script prints the median with the quartiles of
@@ -100,12 +103,17 @@ def main(argv=None) -> dict:
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     model_dir = args.model_dir or default_model_path()
     config = ds_config(args.ds_config)
-    engines, start = {}, time.perf_counter()
+    engines, optimizers, start = {}, {}, time.perf_counter()
     for name, make in optimizer_makers().items():
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
         optimizer = make(param_groups(model, HYPER["weight_decay"]))
         engines[name], *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        # The client optimizer's own share of engine.step(): its step() calls, timed by hooks.
+        optimizer.register_step_pre_hook(lambda opt, *_: setattr(opt, "_t0", time.perf_counter()))
+        optimizer.register_step_post_hook(
+            lambda opt, *_: setattr(opt, "_spent", getattr(opt, "_spent", 0.0) + time.perf_counter() - opt._t0))
+        optimizers[name] = optimizer
     n_params = sum(p.numel() for p in next(iter(engines.values())).module.parameters())
     device = next(iter(engines.values())).device
     gen = torch.Generator().manual_seed(0)
@@ -113,6 +121,7 @@ def main(argv=None) -> dict:
 
     names = list(engines)
     times = {name: [] for name in names}
+    own = {name: [] for name in names}  # ms of the optimizer's step() inside each engine.step()
     norms = {name: [] for name in names}
     print(f"engines built in {time.perf_counter() - start:.0f} s", flush=True)
     for round_ in range(args.warmup + args.rounds):
@@ -123,11 +132,13 @@ def main(argv=None) -> dict:
             engine = engines[name]
             loss = engine(**batch).loss * 1e3  # a global norm far above 1.0: the engine clips every step
             engine.backward(loss)
+            optimizers[name]._spent = 0.0
             t0 = time.perf_counter()
             engine.step()
             elapsed = (time.perf_counter() - t0) * 1e3
             if round_ >= args.warmup:
                 times[name].append(elapsed)
+                own[name].append(optimizers[name]._spent * 1e3)
             elif name == names[0]:
                 print(f"warmup round {round_ + 1}/{args.warmup}: {time.perf_counter() - start:.0f} s", flush=True)
                 norms[name].append(float(engine.get_global_grad_norm()))
@@ -140,24 +151,30 @@ def main(argv=None) -> dict:
           f"{n_params / 1e6:.1f}M parameters; torch {torch.__version__}, {args.threads} threads of "
           f"{os.cpu_count()} ({platform.machine()}); {args.rounds} rounds after {args.warmup} warmup")
     print(f"median global grad norm {statistics.median(norms[ANCHOR]):.1f} (clipped to 1.0 by the engine)")
-    header = f"{'engine.step() with':34} {'ms':>8} {'min-max ms':>14} {'x DeepSpeedCPUAdam (q1-q3)':>28}"
-    print(header)
-    print("-" * len(header))
     result = {"n_params": n_params, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
-              "deepspeed": deepspeed.__version__, "median_ms": {}, "ratio_to_anchor": {}, "all_ms": times}
-    for name in names:
-        ratios = [t / a for t, a in zip(times[name], times[ANCHOR])]
-        q1, q2, q3 = quartiles(ratios)
-        ms = statistics.median(times[name])
-        result["median_ms"][name] = ms
-        result["ratio_to_anchor"][name] = {"median": q2, "q1": q1, "q3": q3}
-        print(f"{name:34} {ms:8.1f} {min(times[name]):6.1f}-{max(times[name]):<7.1f} "
-              f"{q2:14.2f} ({q1:.2f}-{q3:.2f})")
-    target = result["ratio_to_anchor"][TARGET]
+              "deepspeed": deepspeed.__version__}
+    for label, key, series in (("engine.step()", "engine_step", times),
+                               ("the optimizer's step() inside it", "optimizer_step", own)):
+        header = f"{label:34} {'ms':>8} {'min-max ms':>14} {'x DeepSpeedCPUAdam (q1-q3)':>28}"
+        print(header)
+        print("-" * len(header))
+        result[key] = {"median_ms": {}, "ratio_to_anchor": {}, "all_ms": series}
+        for name in names:
+            ratios = [t / a for t, a in zip(series[name], series[ANCHOR])]
+            q1, q2, q3 = quartiles(ratios)
+            ms = statistics.median(series[name])
+            result[key]["median_ms"][name] = ms
+            result[key]["ratio_to_anchor"][name] = {"median": q2, "q1": q1, "q3": q3}
+            print(f"{name:34} {ms:8.1f} {min(series[name]):6.1f}-{max(series[name]):<7.1f} "
+                  f"{q2:14.2f} ({q1:.2f}-{q3:.2f})")
+        print()
+    # Judged on the optimizer's own step: the engine's share (norm, clipping, copies) is the same for every row
+    # and would only dilute the difference.
+    target = result["optimizer_step"]["ratio_to_anchor"][TARGET]
     verdict = ("met" if target["q3"] <= TARGET_RATIO else "NOT met" if target["q1"] > TARGET_RATIO
                else "not judged: the quartiles straddle the target (a noisy machine); rerun on a quiet one")
     result["verdict"] = verdict
-    print(f"target: AdaptOpt (native, adaptive on) within {TARGET_RATIO}x of DeepSpeedCPUAdam under ZeRO-Offload: "
+    print(f"target: AdaptOpt's step (native, adaptive on) within {TARGET_RATIO}x of DeepSpeedCPUAdam's under ZeRO-Offload: "
           f"{target['median']:.2f}x, {verdict}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
