@@ -34,13 +34,16 @@ def cpu_simd_level() -> str:
     return capability if capability in SIMD_LEVELS else "scalar"
 
 
-@functools.cache
 def load(simd: str | None = None):
     """The built extension for ``simd`` (default: this CPU's level; a narrower one can be forced, e.g. to
     check the AVX2 path on an AVX-512 machine). Builds it on first use."""
+    return _load(simd or cpu_simd_level())
+
+
+@functools.cache  # one import of each build per process
+def _load(simd: str):
     from torch.utils.cpp_extension import load as load_extension
 
-    simd = simd or cpu_simd_level()
     if simd not in SIMD_LEVELS:
         raise ValueError(f"simd={simd!r}: use one of {SIMD_LEVELS}")
     return load_extension(

@@ -49,12 +49,12 @@ def test_auto_falls_back_to_compiled_where_the_native_update_does_not_build(capl
 
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
-    native_update.load.cache_clear()
+    native_update._load.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="adaptopt.cli"):
             opt = cli.optimizer_from_args(parse(), nn.Linear(4, 2))
     finally:
-        native_update.load.cache_clear()
+        native_update._load.cache_clear()
     assert all(g["compiled"] and not g["native"] for g in opt.param_groups)
     assert "native CPU update does not build here" in caplog.text
 
