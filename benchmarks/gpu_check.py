@@ -10,7 +10,8 @@ one printed summary:
    memory bandwidth (a measured copy) that AdaptOpt's step reaches.
 2. ``zero2_fp16`` and ``zero2_bf16``: a short recipes/glue.py run (SST-2, AdaptOpt) under DeepSpeed ZeRO-2
    (ds_configs/zero2.json) with fp16 (dynamic loss scaling) and with bf16. Passes when the logged training
-   loss falls and at most a few updates were skipped (the loss scaler's first overflows, not a storm).
+   loss falls (the last third of the logged windows against the first third) and at most a few updates
+   were skipped (the loss scaler's first overflows, not a storm).
 3. ``throughput``: benchmarks/glue_throughput.py (one round): the recipe's samples/s against HF Trainer's.
 
 Without a GPU the script runs what a CPU allows, on the CPU and smaller: the optimizer step (with its CPU
@@ -53,7 +54,7 @@ def run(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[int, str
 def check_optimizer_step(device: str, quick: bool, timeout: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "step.json"
-        repeats = ["--repeats", "5", "--warmup", "2"] if quick else ["--repeats", "30"]
+        repeats = ["--repeats", "3", "--warmup", "1"] if quick else ["--repeats", "30"]
         code, tail, secs = run([sys.executable, "benchmarks/optimizer_step.py", "--device", device, *repeats,
                                 "--json", str(out_json)], timeout)
         if code != 0:
@@ -86,9 +87,10 @@ def check_zero2(precision: str, data_dir: str, quick: bool, timeout: int) -> dic
             return dict(status=status, exit_code=code, seconds=secs, output_tail=tail)
         results = json.loads((Path(out) / "results.json").read_text())
         log = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
-    losses = [row["loss"] for row in log if "loss" in row]
+    losses = [row["train/loss"] for row in log if "train/loss" in row]
     skipped = int(results.get("skipped_updates", 0))
-    falls = len(losses) >= 2 and losses[-1] < losses[0]
+    third = max(1, len(losses) // 3)  # logged windows are noisy: the last third's mean against the first's
+    falls = len(losses) >= 2 and sum(losses[-third:]) / third < sum(losses[:third]) / third
     return dict(status="ok" if falls and skipped <= MAX_SKIPPED else "failed", seconds=secs, losses=losses,
                 loss_falls=falls, skipped_updates=skipped, completed_steps=results.get("completed_steps"),
                 dev_accuracy=results.get("eval_accuracy", results.get("accuracy")))
@@ -125,8 +127,8 @@ def main(argv=None) -> dict:
     report = dict(device=torch.cuda.get_device_name() if cuda else "cpu (no CUDA GPU: a run of the script only)",
                   torch=torch.__version__, quick=quick, checks={})
     limits = dict(optimizer_step=90, zero2_fp16=120, zero2_bf16=120, throughput=150)  # seconds, 8 min together
-    if not cuda:  # the CPU runs the same checks, smaller, many times slower
-        limits = {name: 6 * limit for name, limit in limits.items()}
+    if not cuda:  # the CPU runs the same checks, smaller, many times slower (and 2 cores may be shared)
+        limits = {name: 10 * limit for name, limit in limits.items()}
     start = time.perf_counter()
     report["checks"]["optimizer_step"] = check_optimizer_step(device, quick, limits["optimizer_step"])
     for precision in ("fp16", "bf16"):
@@ -141,7 +143,7 @@ def main(argv=None) -> dict:
         if name == "optimizer_step" and check["status"] == "ok":
             line += (f"  AdaptOpt compiled / torch fused AdamW {check['adaptopt_compiled_over_torch_fused']:.2f}x, "
                      f"{check['adaptopt_compiled_bandwidth_fraction']:.2f} of the copy bandwidth")
-        elif name.startswith("zero2") and "losses" in check:
+        elif name.startswith("zero2") and check.get("losses"):
             line += (f"  loss {check['losses'][0]:.3f} -> {check['losses'][-1]:.3f}, "
                      f"{check['skipped_updates']} skipped updates")
         elif name == "throughput" and check["status"] == "ok":
