@@ -50,12 +50,15 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no_adaptive_momentum", action="store_true", help="adaptopt: switch off adaptive b1")
     g.add_argument("--momentum_rate", type=float, default=None, help="adaptopt: how strongly b1 follows the path")
     g.add_argument("--optimizer_impl", choices=OPTIMIZER_IMPLS, default="auto",
-                   help="how the update runs, the same math each way. compiled: adaptopt's torch.compile-d "
+                   help="how the update runs, the same math each way. native: adaptopt's vectorised C++ kernel for "
+                        "a step on the CPU (a plain CPU run, or the host step of DeepSpeed ZeRO-Offload; built with "
+                        "the C++ compiler on first use, cached across runs). compiled: adaptopt's torch.compile-d "
                         "single-pass kernel (4-5x faster step than eager; compiles once, cached across runs). "
                         "fused: torch's fused C++ kernel of a torch baseline (adam, adamw, sgd, momentum, adagrad). "
                         "foreach: torch._foreach_* ops (adaptopt and the torch optimizers). eager: the optimizer's "
-                        "default path (a per-tensor loop on CPU). auto: the fastest that works here: compiled for "
-                        "adaptopt (eager, with a warning saying why, where torch.compile does not work), fused for "
+                        "default path (a per-tensor loop on CPU). auto: the fastest that works here: for adaptopt native "
+                        "where its step runs on the CPU, else compiled (with a warning saying why where one does not "
+                        "build: compiled, then eager), fused for "
                         "the torch baselines, foreach for rmsprop and schedulefree_adamw; prodigy and dadapt_adam "
                         "have one path")
 
@@ -161,7 +164,8 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, device=None, warmup_steps: int = 0):
     """The optimizer the flags describe. ``clip=False`` when something else clips (DeepSpeed's engine).
-    ``device``: where training runs (the model may still be on the CPU), for --optimizer_impl auto.
+    ``device``: where the optimizer steps (the model may still be on the CPU; the host under ZeRO-Offload), for
+    --optimizer_impl auto.
     ``warmup_steps``: for a schedule-free optimizer, which warms up itself (``warmup_steps(args, total)``)."""
     hp = dict(lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.eps)
     if args.optimizer in SCHEDULE_FREE:
@@ -182,16 +186,18 @@ def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, d
                            adaptive_clip=args.adaptive_clip and clip, **hp)
 
 
-# --optimizer_impl's words. "compiled" is AdaptOpt's torch.compile-d kernel (adaptopt/functional.py), "fused" is
-# torch's fused C++ kernel of a torch optimizer: which optimizer has which is read from its constructor's arguments
-# (AdaptOpt's compiled=, torch's fused= and foreach=), so a new registry entry needs no table here.
-OPTIMIZER_IMPLS = ("auto", "compiled", "fused", "foreach", "eager")
+# --optimizer_impl's words. "native" is AdaptOpt's C++ kernel for CPU steps (adaptopt/native_update.py), "compiled"
+# its torch.compile-d kernel (adaptopt/functional.py), "fused" torch's fused C++ kernel of a torch optimizer: which
+# optimizer has which is read from its constructor's arguments (AdaptOpt's native= and compiled=, torch's fused= and
+# foreach=), so a new registry entry needs no table here.
+OPTIMIZER_IMPLS = ("auto", "native", "compiled", "fused", "foreach", "eager")
+_IMPL_ARGUMENTS = ("native", "compiled", "fused", "foreach")
 
 
 def _takes(name: str) -> set[str]:
     import inspect
 
-    return set(inspect.signature(optimizer_class(name)).parameters) & {"compiled", "fused", "foreach"}
+    return set(inspect.signature(optimizer_class(name)).parameters) & set(_IMPL_ARGUMENTS)
 
 
 def impl_refusal(name: str, impl: str) -> str | None:
@@ -199,15 +205,15 @@ def impl_refusal(name: str, impl: str) -> str | None:
     takes = _takes(name)
     if impl in ("auto", "eager") or impl in takes:
         return None
-    what = {"compiled": "adaptopt's torch.compile-d update", "fused": "torch's fused C++ kernel",
-            "foreach": "torch._foreach_* ops"}[impl]
-    has = [w for w in ("compiled", "fused", "foreach") if w in takes]
+    what = {"native": "adaptopt's C++ CPU update", "compiled": "adaptopt's torch.compile-d update",
+            "fused": "torch's fused C++ kernel", "foreach": "torch._foreach_* ops"}[impl]
+    has = [w for w in _IMPL_ARGUMENTS if w in takes]
     return (f"--optimizer_impl {impl} ({what}) does not apply to --optimizer {name}; it runs with "
             f"{', '.join(['auto', *has, 'eager'])}")
 
 
 def impl_arguments(name: str, impl: str, device=None) -> dict:
-    """The constructor arguments that select ``impl`` for optimizer ``name`` on ``device`` (where training runs).
+    """The constructor arguments that select ``impl`` for optimizer ``name`` on ``device`` (where it steps).
 
     'auto' matters for fair comparisons: torch defaults to a per-tensor loop on CPU (foreach only on CUDA), while
     HF Trainer defaults to fused AdamW, so a baseline left at torch's default would be timed on its slowest path.
@@ -215,20 +221,39 @@ def impl_arguments(name: str, impl: str, device=None) -> dict:
     takes = _takes(name)
     if impl == "eager":
         return {"compiled": False} if "compiled" in takes else {}
+    if impl == "native":
+        return {"native": True}
+    if impl == "auto" and "native" in takes and _device_type(device) == "cpu" and _native_update_works():
+        return {"native": True}
     if impl == "compiled" or (impl == "auto" and "compiled" in takes):
         return {"compiled": impl == "compiled" or _compiled_update_works(device)}
     if impl == "foreach":
         return {"foreach": True}
-    import torch
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-    device_type = torch.device(device or "cpu").type
+    device_type = _device_type(device)
     if "fused" in takes and device_type in _get_fused_kernels_supported_devices():
         return {"fused": True}
     if impl == "fused":
         raise ValueError(f"--optimizer_impl fused: torch's fused {name} does not run on {device_type}; "
                          "use --optimizer_impl auto or eager")
     return {"foreach": True} if "foreach" in takes else {}
+
+
+def _device_type(device) -> str:
+    import torch
+
+    return torch.device(device or "cpu").type
+
+
+def _native_update_works() -> bool:
+    from .native_update import native_update_unavailable
+
+    reason = native_update_unavailable()
+    if reason is not None:
+        logger.warning(f"--optimizer_impl auto: adaptopt's native CPU update does not build here ({reason}); "
+                       "trying the compiled update (same math, slower step). --optimizer_impl compiled skips this.")
+    return reason is None
 
 
 def _compiled_update_works(device) -> bool:

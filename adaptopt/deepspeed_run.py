@@ -73,6 +73,9 @@ class DeepSpeedRun:
         # A number written in the file was checked against the recipe's by adaptopt.config_check already.
         self.config["gradient_clipping"] = 0.0 if self.optimizer_clips else float(max_grad_norm or 0.0)
         self.clipper = GradClipper(max_grad_norm, adaptive=adaptive_clip) if wrapped else None
+        # ZeRO-Offload steps the optimizer on the host, on DeepSpeed's flat fp32 partitions, whatever the device
+        offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+        self.optimizer_on_host = self.stage > 0 and offload == "cpu"
         self.engine = None
 
     @classmethod

@@ -117,10 +117,13 @@ class AdaptOpt(torch.optim.Optimizer):
             only during its warmup). See clip.GradClipper.
         foreach: use the torch._foreach_* implementation (default: on for CUDA tensors).
         compiled: use the torch.compile-d single-pass kernel (CPU and GPU; compiles on first step). With
-            compiled=True (in every param group) clipping is folded into that kernel: it multiplies the
-            gradient by the clip factor as it reads it, so after step() p.grad still holds the
+            compiled=True or native=True (in every param group) clipping is folded into that kernel: it
+            multiplies the gradient by the clip factor as it reads it, so after step() p.grad still holds the
             *unclipped* gradient (the update used the clipped one); the pre-clip norm is
             ``grad_clipper.last_norm``. The other implementations clip p.grad in place.
+        native: use the vectorised C++ kernel for CPU tensors (native_update.py; built with the C++ compiler on
+            first use, about a minute, then cached): the host-side step of DeepSpeed ZeRO-Offload. Tensors
+            elsewhere take the compiled path.
         reduce_fn: sums a float64 tensor over shards; only for sharded parameters (ZeRO).
     """
 
@@ -144,6 +147,7 @@ class AdaptOpt(torch.optim.Optimizer):
         adaptive_clip: bool = False,
         foreach: bool | None = None,
         compiled: bool | None = None,
+        native: bool | None = None,
         reduce_fn: ReduceFn | None = None,
     ):
         check_positive("lr", lr, allow_zero=True)
@@ -160,14 +164,15 @@ class AdaptOpt(torch.optim.Optimizer):
             raise ValueError(f"Invalid lr_scale_bounds: {lr_scale_bounds} (need 0 < low <= 1 <= high)")
         check_nonneg("momentum_rate", momentum_rate, upper=1.0)
         check_range("beta1_max", beta1_max, betas[0], 1.0, "[beta1, 1)")
-        if foreach and compiled:
-            raise ValueError("foreach=True and compiled=True are exclusive: pick one implementation")
+        chosen = [name for name, on in (("foreach", foreach), ("compiled", compiled), ("native", native)) if on]
+        if len(chosen) > 1:
+            raise ValueError(f"{'=True and '.join(chosen)}=True are exclusive: pick one implementation")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             adaptive_lr=adaptive_lr, scale_decay=scale_decay, scale_init=scale_init,
             hypergrad_rate=hypergrad_rate, lr_scale_bounds=tuple(lr_scale_bounds),
             adaptive_momentum=adaptive_momentum, momentum_rate=momentum_rate, beta1_max=beta1_max,
-            foreach=foreach, compiled=compiled,
+            foreach=foreach, compiled=compiled, native=native,
             # Run-wide scalars live in the group so that state_dict() carries them.
             lr_scale=1.0, path_cos=0.0,
             # This group's local statistics of the last step, folded into path_cos/lr_scale when the next
@@ -192,6 +197,7 @@ class AdaptOpt(torch.optim.Optimizer):
         for group in self.param_groups:  # a checkpoint whose groups name the compiled path by its old key
             if "compiled" not in group:
                 group["compiled"] = group.pop("fused", None)
+            group.setdefault("native", None)  # saved before the native kernel existed
 
     def add_param_group(self, param_group: dict) -> None:
         # A group's position, kept in the group: DeepSpeed ZeRO-1/2 hand step() one group at a time, and the
@@ -239,8 +245,8 @@ class AdaptOpt(torch.optim.Optimizer):
         grad_scale = None  # the clipping factor, when the compiled kernels apply it instead of clip_
         if self.grad_clipper.enabled:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if all(g["compiled"] for g in self.param_groups):
-                # p.grad keeps the unclipped gradient: the compiled update multiplies it by the factor.
+            if all(g["compiled"] or g["native"] for g in self.param_groups):
+                # p.grad keeps the unclipped gradient: the compiled or native update multiplies it by the factor.
                 grad_scale = self.grad_clipper.clip_factor(grads)
             else:
                 self.grad_clipper.clip_(grads)
@@ -326,6 +332,10 @@ class AdaptOpt(torch.optim.Optimizer):
 
 
 def _pick_impl(group: dict, params: list[Tensor]):
+    if group["native"]:
+        from .native_update import adaptopt_native  # builds the extension on first use
+
+        return adaptopt_native
     if group["compiled"]:
         return adaptopt_compiled
     foreach = group["foreach"]

@@ -181,7 +181,7 @@ class RecipeRun:
             args.max_train_steps = math.ceil(args.num_train_epochs * self.updates_per_epoch)
         self.num_epochs = math.ceil(args.max_train_steps / self.updates_per_epoch)
         optimizer = cli.optimizer_from_args(args, model, clip=ds_run is None or ds_run.optimizer_clips,
-                                             device=acc.device,
+                                             device="cpu" if ds_run and ds_run.optimizer_on_host else acc.device,
                                              warmup_steps=cli.warmup_steps(args, args.max_train_steps))
         self.base_optimizer = optimizer  # the torch optimizer itself: prepare() wraps it (DeepSpeed's wrapper too)
         if args.lora:

@@ -12,8 +12,9 @@ rounds after ``--warmup`` untimed rounds (the warmup also compiles the torch.com
 
 Rows:
 - AdaptOpt with its defaults (the Mechanic learned LR scale, adaptive momentum, clipping at
-  max_grad_norm=1.0) in each implementation: single-tensor loop, torch._foreach_*, and compiled
-  (torch.compile-d single pass);
+  max_grad_norm=1.0) in each implementation: single-tensor loop, torch._foreach_*, native (the C++ CPU
+  kernel, what --optimizer_impl auto runs on the CPU) and compiled (torch.compile-d single pass);
+- AdaptOpt native with the adaptive parts and clipping off (the same math as AdamW);
 - AdaptOpt compiled with the hypergradient LR rule (the default before Mechanic): the Mechanic kernel reads
   one tensor more (the start x0) and reduces four more sums; the script prints the ratio of the two;
 - AdaptOpt compiled with the adaptive parts on but no clipping (max_grad_norm=None): what clipping costs;
@@ -29,7 +30,8 @@ Rows:
   moved, no destination that is only written) and prints the floor that bandwidth would give.
 
 Every row uses lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01 on one param group. The last
-line gives AdaptOpt (compiled, adaptive on) as a ratio to DeepSpeedCPUAdam.
+lines give AdaptOpt (compiled, and native, adaptive on) as a ratio to DeepSpeedCPUAdam. For the step under
+ZeRO-Offload, on DeepSpeed's flat partitions inside a real engine, see benchmarks/offload_step.py.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptopt import AdaptOpt  # noqa: E402
 
 HYPER = dict(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # AdaptOpt's defaults
-TARGET = "AdaptOpt compiled, adaptive on"
+TARGET = "AdaptOpt native, adaptive on"  # what --optimizer_impl auto runs on the CPU
+COMPILED = "AdaptOpt compiled, adaptive on"
 HYPERGRADIENT = "AdaptOpt compiled, hypergradient rule"
 MECHANIC_OVERHEAD_TARGET = 1.10  # the Mechanic kernel may cost at most 10% more than the hypergradient one
 DEEPSPEED = "DeepSpeedCPUAdam"
@@ -80,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="std of the random gradients (1e-3: global norm ~4.8 > max_grad_norm=1.0)")
     parser.add_argument("--skip-deepspeed", action="store_true",
                         help="leave out DeepSpeedCPUAdam (e.g. no compiler to JIT-build it)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda: the GPU rows (AdaptOpt compiled as Triton code against torch's fused "
+                             "AdamW; the CPU-only rows, DeepSpeedCPUAdam and the native kernel, are left out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random gradients")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     return parser.parse_args(argv)
@@ -96,12 +102,15 @@ def load_weights(model_dir: str | None) -> list[torch.Tensor]:
     return [p.detach().float().contiguous() for p in model.parameters()]
 
 
-def optimizer_makers(skip_deepspeed: bool) -> dict:
-    """Row name -> function of a parameter list that builds the optimizer."""
+def optimizer_makers(skip_deepspeed: bool, device: str = "cpu") -> dict:
+    """Row name -> function of a parameter list that builds the optimizer (the rows that run on ``device``)."""
     makers = {
         "AdaptOpt single-tensor, adaptive on": lambda ps: AdaptOpt(ps, foreach=False, **HYPER),
         "AdaptOpt foreach, adaptive on": lambda ps: AdaptOpt(ps, foreach=True, **HYPER),
-        TARGET: lambda ps: AdaptOpt(ps, compiled=True, **HYPER),
+        TARGET: lambda ps: AdaptOpt(ps, native=True, **HYPER),
+        "AdaptOpt native, adaptive off": lambda ps: AdaptOpt(
+            ps, native=True, adaptive_lr=None, adaptive_momentum=False, max_grad_norm=None, **HYPER),
+        COMPILED: lambda ps: AdaptOpt(ps, compiled=True, **HYPER),
         HYPERGRADIENT: lambda ps: AdaptOpt(ps, compiled=True, adaptive_lr="hypergradient", **HYPER),
         # Diagnostics: the same step without clipping, and without the adaptive parts either.
         "AdaptOpt compiled, adaptive on, no clip": lambda ps: AdaptOpt(
@@ -111,6 +120,8 @@ def optimizer_makers(skip_deepspeed: bool) -> dict:
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER),
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER),
     }
+    if device != "cpu":
+        return {name: make for name, make in makers.items() if "native" not in name and "single-tensor" not in name}
     if not skip_deepspeed:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -132,14 +143,17 @@ class ClipThenStep:
         self.optimizer.step()
 
 
-def time_round_robin(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """name -> ms of each timed call; ``fns`` maps a name to (prepare, timed) callables."""
+def time_round_robin(fns: dict, repeats: int, warmup: int, sync=lambda: None) -> dict[str, list[float]]:
+    """name -> ms of each timed call; ``fns`` maps a name to (prepare, timed) callables. ``sync`` waits for
+    the device (a GPU runs the kernels asynchronously)."""
     times = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
         for name, (prepare, timed) in fns.items():
             prepare()
+            sync()
             t0 = time.perf_counter()
             timed()
+            sync()
             elapsed_ms = (time.perf_counter() - t0) * 1e3
             if round_ >= warmup:
                 times[name].append(elapsed_ms)
@@ -150,13 +164,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    weights = load_weights(args.model_dir)
+    weights = [w.to(args.device) for w in load_weights(args.model_dir)]
     n_params = sum(w.numel() for w in weights)
     grads = [torch.randn_like(w) * args.grad_std for w in weights]
     grad_norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
 
     fns = {}
-    for name, make in optimizer_makers(args.skip_deepspeed).items():
+    for name, make in optimizer_makers(args.skip_deepspeed, args.device).items():
         params = [torch.nn.Parameter(w.clone()) for w in weights]
         for p, g in zip(params, grads):
             p.grad = torch.empty_like(g)
@@ -170,11 +184,12 @@ def main(argv=None) -> dict:
     # Bandwidth probes on a buffer as large as all parameters together. The copy is the floor's measure;
     # a += b (reads 2 tensors, writes 1 it has just read) is printed for context, because a copy's
     # destination is usually read into cache before it is written, which counting 2 tensors ignores.
-    src, dst = torch.randn(n_params), torch.zeros(n_params)
+    src, dst = torch.randn(n_params, device=args.device), torch.zeros(n_params, device=args.device)
     fns["copy"] = (lambda: None, lambda: dst.copy_(src))
     fns["add"] = (lambda: None, lambda: dst.add_(src))
 
-    times = time_round_robin(fns, args.repeats, args.warmup)
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
+    times = time_round_robin(fns, args.repeats, args.warmup, sync)
     median = {name: statistics.median(ts) for name, ts in times.items()}
     tensor_bytes = 4 * n_params
     copy_gbps = 2 * tensor_bytes / median.pop("copy") / 1e6
@@ -187,8 +202,9 @@ def main(argv=None) -> dict:
 
     print(f"all-MiniLM-L6-v2: {n_params / 1e6:.1f}M fp32 parameters in {len(weights)} tensors; "
           f"gradient norm {grad_norm:.2f} (clipped to 1.0 every step)")
-    print(f"torch {torch.__version__}, threads={args.threads} of {os.cpu_count()} cores "
-          f"({platform.machine()}); median of {args.repeats} steps after {args.warmup} warmup; "
+    where = (torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
+             else f"threads={args.threads} of {os.cpu_count()} cores ({platform.machine()})")
+    print(f"torch {torch.__version__}, {where}; median of {args.repeats} steps after {args.warmup} warmup; "
           f"copy bandwidth {copy_gbps:.1f} GB/s")
     print()
     header = f"{'':36} {'ms/step':>9} {'x floor':>8} {'x DeepSpeed':>12} {'min-max ms':>16}"
@@ -204,11 +220,18 @@ def main(argv=None) -> dict:
 
     result = {
         "model": "sentence-transformers/all-MiniLM-L6-v2", "n_params": n_params, "n_tensors": len(weights),
-        "grad_norm": grad_norm, "threads": args.threads, "torch": torch.__version__,
+        "grad_norm": grad_norm, "threads": args.threads, "device": args.device, "torch": torch.__version__,
         "repeats": args.repeats, "warmup": args.warmup, "copy_bandwidth_GBps": copy_gbps,
         "add_bandwidth_GBps": add_gbps, "floor_ms_from_add": add_floor, "median_ms": median, "all_ms": times,
     }
-    mechanic = median[TARGET] / median[HYPERGRADIENT]
+    # The default step moves 9 tensors: the norm pass reads g, the update reads p, g, m, v, x0 and writes p, m, v.
+    compiled_bw = 9 * tensor_bytes / median[COMPILED] / 1e6
+    result.update(adaptopt_compiled_GBps=compiled_bw, adaptopt_compiled_bandwidth_fraction=compiled_bw / copy_gbps,
+                  adaptopt_compiled_over_torch_fused=median[COMPILED] / median["torch AdamW fused"])
+    print(f"AdaptOpt compiled (adaptive on) moves 9 tensors at {compiled_bw:.1f} GB/s = "
+          f"{compiled_bw / copy_gbps:.2f} of the copy bandwidth; / torch AdamW fused = "
+          f"{median[COMPILED] / median['torch AdamW fused']:.2f}x")
+    mechanic = median[COMPILED] / median[HYPERGRADIENT]
     result.update(mechanic_over_hypergradient=mechanic)
     print(f"AdaptOpt compiled: Mechanic (default) / hypergradient rule = {mechanic:.3f}x "
           f"(target <= {MECHANIC_OVERHEAD_TARGET:.2f}x: {'met' if mechanic <= MECHANIC_OVERHEAD_TARGET else 'NOT met'})")
@@ -223,7 +246,7 @@ def main(argv=None) -> dict:
         noisy = [] if few else [name for name in (TARGET, DEEPSPEED, FLOOR)
                                 if quartile_ratio(times[name]) > NOISY_QUARTILES]
         trustworthy = ds <= 3 * median[FLOOR] and not noisy and not few
-        result.update(adaptopt_compiled_over_deepspeed=ratio, trustworthy=trustworthy)
+        result.update(trustworthy=trustworthy)
         if trustworthy:
             verdict = "met" if ratio <= 1.25 else "NOT met"
         elif few:
@@ -234,14 +257,17 @@ def main(argv=None) -> dict:
         else:
             verdict = (f"not judged: DeepSpeedCPUAdam took {ds / median[FLOOR]:.1f}x the bandwidth floor, "
                        f"so the timings are dominated by something other than the update (try --threads 1)")
-        print(f"target: AdaptOpt compiled (adaptive on) within 1.25x of DeepSpeedCPUAdam: {verdict}")
+        print(f"target: AdaptOpt native (adaptive on) within 1.25x of DeepSpeedCPUAdam: {verdict}")
         if DEEPSPEED_CLIP in median:  # context, not the target: both steps clip here
             clipped = median[TARGET] / median[DEEPSPEED_CLIP]
             result.update(adaptopt_compiled_over_deepspeed_with_clipping=clipped)
-            print(f"(context: AdaptOpt (compiled, adaptive on) / ({DEEPSPEED_CLIP}) = {clipped:.3f}x)")
-        print(f"AdaptOpt (compiled, adaptive on) / DeepSpeedCPUAdam = {ratio:.3f}x")
+            print(f"(context: AdaptOpt (native, adaptive on) / ({DEEPSPEED_CLIP}) = {clipped:.3f}x)")
+        compiled = median[COMPILED] / ds
+        result.update(adaptopt_compiled_over_deepspeed=compiled, adaptopt_native_over_deepspeed=ratio)
+        print(f"AdaptOpt (compiled, adaptive on) / DeepSpeedCPUAdam = {compiled:.3f}x")
+        print(f"AdaptOpt (native, adaptive on) / DeepSpeedCPUAdam = {ratio:.3f}x")
     else:
-        print("AdaptOpt (compiled, adaptive on) / DeepSpeedCPUAdam = n/a (DeepSpeedCPUAdam skipped)")
+        print("AdaptOpt (native, adaptive on) / DeepSpeedCPUAdam = n/a (DeepSpeedCPUAdam skipped)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -156,7 +156,7 @@ def main() -> None:
         ref_params, ref_final, ref_norms, ref_applied = reference(opt_name, steps, adaptive_clip, skip_step, rule)
         params, final, norms, applied, skipped, state_steps = deepspeed_run(
             opt_name, config_name, precision, steps, adaptive_clip, skip_step, rule,
-            impl={flag: True for flag in ("compiled", "fused") if flag in flags})
+            impl={flag: True for flag in ("compiled", "fused", "native") if flag in flags})
         if out is not None:
             # the largest parameter difference, relative to how far the reference moved the parameters
             moved = max(float((a - b).abs().max()) for a, b in zip(ref_params, make_model().parameters()))

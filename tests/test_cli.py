@@ -18,25 +18,45 @@ def parse(*argv):
     return args
 
 
-def test_auto_uses_the_compiled_update_where_torch_compile_works():
-    opt = cli.optimizer_from_args(parse(), nn.Linear(4, 2))
-    assert isinstance(opt, AdaptOpt) and all(g["compiled"] for g in opt.param_groups)
+def test_auto_uses_the_native_update_for_a_step_on_the_cpu():
+    opt = cli.optimizer_from_args(parse(), nn.Linear(4, 2))  # CI's machine has the C++ compiler it needs
+    assert isinstance(opt, AdaptOpt) and all(g["native"] and not g["compiled"] for g in opt.param_groups)
 
 
-@pytest.mark.parametrize("impl, compiled, foreach", [("eager", False, None), ("compiled", True, None),
-                                                     ("foreach", None, True)])
-def test_explicit_choice_is_kept(impl, compiled, foreach):
+@pytest.mark.parametrize("impl, native, compiled, foreach", [
+    ("eager", None, False, None), ("native", True, None, None), ("compiled", None, True, None),
+    ("foreach", None, None, True)])
+def test_explicit_choice_is_kept(impl, native, compiled, foreach):
     opt = cli.optimizer_from_args(parse("--optimizer_impl", impl), nn.Linear(4, 2))
-    assert all(g["compiled"] == compiled and g["foreach"] == foreach for g in opt.param_groups)
+    assert all(g["native"] == native and g["compiled"] == compiled and g["foreach"] == foreach
+               for g in opt.param_groups)
 
 
 def test_auto_falls_back_to_eager_and_says_why(caplog):
     # A device the compiled kernel cannot run on (meta tensors hold no data): a real failure of the
-    # probe, not a simulated one. The recipe passes accelerator.device here.
+    # probe, not a simulated one. The recipe passes accelerator.device here; not the CPU, so not native.
     with caplog.at_level(logging.WARNING, logger="adaptopt.cli"):
         opt = cli.optimizer_from_args(parse(), nn.Linear(4, 2), device="meta")
-    assert not any(g["compiled"] for g in opt.param_groups)
+    assert not any(g["compiled"] or g["native"] for g in opt.param_groups)
     assert "compiled update does not work here" in caplog.text and "meta" in caplog.text
+
+
+def test_auto_falls_back_to_compiled_where_the_native_update_does_not_build(caplog, monkeypatch, tmp_path):
+    """No C++ compiler: the build really fails (CXX names a program that does not exist), in a fresh
+    extensions directory so that no cached build is found; the compiled path (inductor finds its compiler
+    itself) takes over and the warning says why."""
+    from adaptopt import native_update
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    native_update._load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="adaptopt.cli"):
+            opt = cli.optimizer_from_args(parse(), nn.Linear(4, 2))
+    finally:
+        native_update._load.cache_clear()
+    assert all(g["compiled"] and not g["native"] for g in opt.param_groups)
+    assert "native CPU update does not build here" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "momentum", "adagrad"])
@@ -59,7 +79,8 @@ def test_rmsprop_has_no_fused_kernel():
 
 @pytest.mark.parametrize("name, impl, runs_with", [
     ("rmsprop", "fused", "auto, foreach, eager"), ("adamw", "compiled", "auto, fused, foreach, eager"),
-    ("adaptopt", "fused", "auto, compiled, foreach, eager"), ("prodigy", "foreach", "auto, eager"),
+    ("adaptopt", "fused", "auto, native, compiled, foreach, eager"),
+    ("adamw", "native", "auto, fused, foreach, eager"), ("prodigy", "foreach", "auto, eager"),
     ("schedulefree_adamw", "compiled", "auto, foreach, eager")])
 def test_an_implementation_the_optimizer_lacks_is_refused_with_what_it_has(name, impl, runs_with, capsys):
     with pytest.raises(SystemExit):

@@ -41,6 +41,10 @@ CASES += [[o, c, "fp16", "overflow"] for o, c in
 CASES += [["adaptopt", c, "fp32", "compiled"] for c in CONFIGS]
 CASES += [["adaptopt", "zero0.json", "fp32", "compiled+adaptive_clip"], ["adaptopt", "zero2.json", "bf16", "compiled"],
           ["adaptopt", "zero2.json", "fp16", "compiled+overflow"]]
+# AdaptOpt's native CPU update (the recipes' default where the step runs on the CPU, ZeRO-Offload's host step
+# included) on the same flat partitions
+CASES += [["adaptopt", c, "fp32", "native"] for c in CONFIGS]
+CASES += [["adaptopt", "zero2_offload.json", "bf16", "native"], ["adaptopt", "zero2.json", "fp16", "native+overflow"]]
 # torch's own fused kernels, which the recipes pick for the baselines (--optimizer_impl auto), on the same partitions
 CASES += [["adamw", c, "fp32", "fused"] for c in ("zero0.json", "zero2.json", "zero3.json")]
 CASES += [["adamw", "zero2.json", "fp16", "fused+overflow"], ["momentum", "zero2.json", "fp32", "fused"]]

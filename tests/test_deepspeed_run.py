@@ -62,3 +62,16 @@ def test_guard_makes_deepspeeds_initialising_step_a_no_op_until_attach():
         p.grad = torch.zeros_like(p)
     optimizer.step()
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weight decay moved them
+
+
+@pytest.mark.parametrize("config, on_host", [("zero2_offload.json", True), ("zero3_offload.json", True),
+                                             ("zero2.json", False), ("zero0.json", False)])
+def test_the_optimizer_steps_on_the_host_exactly_under_optimizer_offload(config, on_host):
+    """The recipes build AdaptOpt for the device its step runs on: the host under ZeRO-Offload (where
+    --optimizer_impl auto then picks the native CPU update), whatever device the model trains on."""
+    from adaptopt import cli
+
+    run = DeepSpeedRun(json.loads((REPO / "ds_configs" / config).read_text()), 1.0, False)
+    assert run.optimizer_on_host is on_host
+    chosen = cli.impl_arguments("adaptopt", "auto", "cpu" if run.optimizer_on_host else "meta")
+    assert chosen.get("native", False) is on_host

@@ -10,8 +10,10 @@ from adaptopt._reference import ReferenceAdaptOpt
 # Mixed shapes and sizes; all below functional._SMALL_NUMEL, so the compiled path concatenates them (the
 # test at the end covers its large tensors).
 SHAPES = [(7, 5), (5,), (3, 4, 2), (1,), (5,), (5, 7), (1,), (5,)]
-IMPLS = [dict(foreach=False), dict(foreach=True), dict(compiled=True)]
-IMPL_IDS = ["single_tensor", "foreach", "compiled"]
+IMPLS = [dict(foreach=False), dict(foreach=True), dict(compiled=True), dict(native=True)]
+IMPL_IDS = ["single_tensor", "foreach", "compiled", "native"]
+# The implementations that fold the clipping factor into their kernel (p.grad stays unclipped).
+IN_KERNEL = {"compiled": dict(compiled=True), "native": dict(native=True)}
 
 ADAPTIVE = dict(
     lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
@@ -261,6 +263,7 @@ def test_a_checkpoint_that_calls_the_compiled_path_fused_loads():
     (dict(scale_init=0.0), r"Invalid scale_init: 0.0 \(must be in \(0, 1\]\)"),
     (dict(max_grad_norm=0.0), r"Invalid max_grad_norm: 0.0 \(must be > 0"),
     (dict(foreach=True, compiled=True), r"exclusive"),
+    (dict(compiled=True, native=True), r"compiled=True and native=True are exclusive"),
 ])
 def test_invalid_hyperparameters_name_value_and_range(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -287,16 +290,17 @@ def _zclip_reference(norms, *, max_norm, warmup_steps=25, ema_decay=0.97, z_thre
     return factors
 
 
+@pytest.mark.parametrize("kernel", IN_KERNEL)
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("adaptive_clip", [False, True], ids=["fixed", "zclip"])
-def test_compiled_clipping_in_kernel_matches_reference(adaptive_clip, rule):
-    """compiled=True: the kernel multiplies g by the clip factor; the update and the adaptive rules'
-    statistics must be those of the clipped gradient (the reference clips g before everything), for 150
-    steps."""
+def test_clipping_in_kernel_matches_reference(adaptive_clip, rule, kernel):
+    """compiled=True or native=True: the kernel multiplies g by the clip factor; the update and the adaptive
+    rules' statistics must be those of the clipped gradient (the reference clips g before everything), for
+    150 steps."""
     hp = dict(RULES[rule], max_grad_norm=8.0)  # norms fall from 45 to ~6: clipped early, then only spikes
     init = make_params()
     params = [p.clone().requires_grad_() for p in init]
-    opt = AdaptOpt(params, adaptive_clip=adaptive_clip, compiled=True, **hp)
+    opt = AdaptOpt(params, adaptive_clip=adaptive_clip, **IN_KERNEL[kernel], **hp)
     # Without ZClip the reference clips itself; with it the test clips by the independent ZClip above.
     ref = ReferenceAdaptOpt(init, **dict(hp, max_grad_norm=None if adaptive_clip else hp["max_grad_norm"]))
     norms, clipped_steps = [], 0
@@ -355,8 +359,9 @@ def test_non_finite_gradient_mid_run_leaves_params_and_state_untouched(impl):
             assert torch.equal(other, value) if torch.is_tensor(value) else other == value
 
 
+@pytest.mark.parametrize("kernel", IN_KERNEL)
 @pytest.mark.parametrize("rule", RULES)
-def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_single_tensor(rule):
+def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_single_tensor(rule, kernel):
     """The compiled path updates tensors above functional._SMALL_NUMEL elements as they are, in calls of
     _CHUNK padded with dummies, and concatenates the smaller ones. Ten large tensors (two calls, the second
     padded) and small ones; two tensors miss their gradient on some steps, so tensors sit at different step
@@ -368,7 +373,7 @@ def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_s
     gen = torch.Generator().manual_seed(3)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     runs = {}
-    for name, impl in {"compiled": dict(compiled=True), "single": dict(foreach=False)}.items():
+    for name, impl in {"kernel": IN_KERNEL[kernel], "single": dict(foreach=False)}.items():
         params = [p.clone().requires_grad_() for p in init]
         opt = AdaptOpt(params, **RULES[rule], **impl)
         grad_gen = torch.Generator().manual_seed(4)
@@ -379,9 +384,9 @@ def test_compiled_path_with_large_and_small_tensors_at_different_steps_matches_s
                 p.grad = None if skipped else g
             opt.step()
         runs[name] = (params, opt.param_groups[0]["lr_scale"])
-    for a, b in zip(runs["compiled"][0], runs["single"][0]):
+    for a, b in zip(runs["kernel"][0], runs["single"][0]):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
-    assert runs["compiled"][1] == pytest.approx(runs["single"][1], rel=1e-10) and runs["single"][1] != 1.0
+    assert runs["kernel"][1] == pytest.approx(runs["single"][1], rel=1e-10) and runs["single"][1] != 1.0
 
 
 def test_compiled_update_check_compiles_the_graph_the_first_step_reuses():

@@ -289,8 +289,10 @@ def _method_section() -> list[str]:
             "else the machine was running: a std of a few percent means the runs had the machine to themselves, a "
             "larger one that load varied between them, and the time columns then say little about the optimizers. "
             "A benchmark that times the optimizers side by side in one process is the fair speed comparison.",
-            "- Every optimizer runs its fast implementation (the recipes' `--optimizer_impl auto`): AdaptOpt's "
-            "compiled update, torch's fused kernels for adam, adamw, sgd, momentum and adagrad, foreach for rmsprop "
-            "(torch has no fused one). AdaptOpt's one-time compilation (or cache load) is not in its train time: "
-            "the recipe's check that the compiler works does it before the loop.",
+            "- Every optimizer runs its fast implementation (the recipes' `--optimizer_impl auto`): for AdaptOpt on "
+            "a CPU its native C++ update where it builds, else its compiled update (the same math, both held to the "
+            "float64 reference by the tests; a run recorded before the native update existed used the compiled "
+            "one), torch's fused kernels for adam, adamw, sgd, momentum and adagrad, foreach for rmsprop (torch "
+            "has no fused one). AdaptOpt's one-time build or compilation is not in its train time: the recipe "
+            "does it before the loop.",
             "- The seed sets weight init of the classifier head, data order, dropout and any training subsample.", ""]
