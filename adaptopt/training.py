@@ -7,7 +7,7 @@ model class, and how to evaluate. Everything listed above is written once, here,
 feature reaches every recipe at once. Usage::
 
     run = RecipeRun(args, project="glue")
-    model = run.apply_lora(model, "SEQ_CLS")
+    model = run.training_model(model, "SEQ_CLS")
     model, evals = run.prepare(model, train_dl, eval_dls)
     run.resume(checkpoint)
     results = run.fit(evaluate=lambda: {...}, primary_metric="accuracy")
@@ -154,6 +154,17 @@ class RecipeRun:
         self.monitor = DivergenceMonitor(args.max_consecutive_skipped_steps)
 
     # -- building -------------------------------------------------------------------------------------
+    def training_model(self, model, task_type: str):
+        """The model as it trains: activation checkpointing (--gradient_checkpointing), then LoRA adapters
+        (--lora), in that order so that peft wraps a base model that already recomputes its layers. Records
+        the peak memory of loading (results.json's peak_memory_after_load_mb), and logs parameter counts."""
+        self.memory_after_load = round(peak_memory_mb(), 1)
+        if self.args.gradient_checkpointing:
+            from .models import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+        return self.apply_lora(model, task_type)
+
     def apply_lora(self, model, task_type: str):
         """Wraps the model in LoRA adapters when --lora is given; logs parameter counts either way."""
         if self.args.lora:
@@ -407,6 +418,9 @@ class RecipeRun:
             train_samples=self.train_examples,
             total_batch_size=self.total_batch, num_processes=acc.num_processes,
             mixed_precision=acc.mixed_precision, peak_memory_mb=peak_memory_mb(acc.device),
+            peak_memory_after_load_mb=getattr(self, "memory_after_load", None),
+            torch_dtype=self.args.torch_dtype, attn_implementation=self.args.attn_implementation,
+            gradient_checkpointing=self.args.gradient_checkpointing,
             parameters=self.n_total, trainable_parameters=self.n_train,
             skipped_updates=self.monitor.skipped,
             resumed_from=str(self.checkpoint) if self.checkpoint else None,

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from adaptopt import cli  # noqa: E402
 from adaptopt.data.text import TextDataError, collate_blocks, load_texts, pack_splits  # noqa: E402
-from adaptopt.models import ModelNotFoundError, default_model_path, resolve_model  # noqa: E402
+from adaptopt.models import ModelNotFoundError, default_model_path, load_kwargs, resolve_model  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
 from adaptopt.training import RecipeRun, check_run_inputs, run_main  # noqa: E402
 
@@ -173,16 +173,17 @@ def train(args, tokenizer, config, train_blocks, eval_blocks, checkpoint: Path |
 
     if args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model_name_or_path),
-                                                     trust_remote_code=args.trust_remote_code)
+                                                     trust_remote_code=args.trust_remote_code, **load_kwargs(args))
     else:  # random init from --seed (RecipeRun seeded every RNG), the same on every rank
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code,
+                                                   **load_kwargs(args))
         if args.lora:
             logger.warning("--lora on a model built from --config_name: the base weights are random and not saved; "
                            "only --merge_lora keeps a usable model")
     embeddings = model.get_input_embeddings().weight  # under ZeRO-3 an empty partition: ds_shape is the full shape
     if len(tokenizer) > getattr(embeddings, "ds_shape", embeddings.shape)[0]:  # a tokenizer with added tokens
         model.resize_token_embeddings(len(tokenizer))
-    model = run.apply_lora(model, "CAUSAL_LM")
+    model = run.training_model(model, "CAUSAL_LM")
     # The loader's own generator keeps the global RNG (restored on resume) free for dropout: glue.py says why.
     train_dl = DataLoader(train_blocks, shuffle=True, collate_fn=collate_blocks,
                           batch_size=args.per_device_train_batch_size,
