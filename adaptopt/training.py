@@ -157,7 +157,7 @@ class RecipeRun:
     def training_model(self, model, task_type: str):
         """The model as it trains: activation checkpointing (--gradient_checkpointing), then LoRA adapters
         (--lora), in that order so that peft wraps a base model that already recomputes its layers. Records
-        the peak memory of loading (results.json's peak_memory_after_load_mb), and logs parameter counts."""
+        the peak memory of loading (results.json's peak_memory_after_load_mb_per_rank), and logs parameter counts."""
         self.memory_after_load = round(peak_memory_mb(), 1)
         if self.args.gradient_checkpointing:
             from .models import enable_activation_checkpointing
@@ -403,6 +403,9 @@ class RecipeRun:
         acc = self.accelerator
         memory_end = self.memory.report()
         logger.info(f"memory at end: {format_report(memory_end)}")
+        # every rank's peaks (a gather: every rank calls summary), since ZeRO and rank 0's saving make them differ
+        peaks = acc.gather(torch.tensor([[peak_memory_mb(acc.device), getattr(self, "memory_after_load", 0.0)]],
+                                        dtype=torch.float32, device=acc.device)).cpu().tolist()
         return dict(
             **fields, optimizer=self.args.optimizer, seed=self.args.seed,
             **results,
@@ -418,7 +421,8 @@ class RecipeRun:
             train_samples=self.train_examples,
             total_batch_size=self.total_batch, num_processes=acc.num_processes,
             mixed_precision=acc.mixed_precision, peak_memory_mb=peak_memory_mb(acc.device),
-            peak_memory_after_load_mb=getattr(self, "memory_after_load", None),
+            peak_memory_mb_per_rank=[round(p[0], 1) for p in peaks],
+            peak_memory_after_load_mb_per_rank=[round(p[1], 1) for p in peaks],
             torch_dtype=self.args.torch_dtype, attn_implementation=self.args.attn_implementation,
             gradient_checkpointing=self.args.gradient_checkpointing,
             parameters=self.n_total, trainable_parameters=self.n_train,
