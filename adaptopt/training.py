@@ -159,6 +159,8 @@ class RecipeRun:
         (--lora), in that order so that peft wraps a base model that already recomputes its layers. Records
         the peak memory of loading (results.json's peak_memory_after_load_mb_per_rank), and logs parameter counts."""
         self.memory_after_load = round(peak_memory_mb(), 1)
+        # DeepSpeed marks the parameters zero.Init built or loaded partitioned (accelerate's zero3_init_flag)
+        self.loaded_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
         if self.args.gradient_checkpointing:
             from .models import enable_activation_checkpointing
 
@@ -423,6 +425,7 @@ class RecipeRun:
             mixed_precision=acc.mixed_precision, peak_memory_mb=peak_memory_mb(acc.device),
             peak_memory_mb_per_rank=[round(p[0], 1) for p in peaks],
             peak_memory_after_load_mb_per_rank=[round(p[1], 1) for p in peaks],
+            loaded_partitioned=getattr(self, "loaded_partitioned", False),
             torch_dtype=self.args.torch_dtype, attn_implementation=self.args.attn_implementation,
             gradient_checkpointing=self.args.gradient_checkpointing,
             parameters=self.n_total, trainable_parameters=self.n_train,

@@ -3,7 +3,7 @@ DeepSpeed ZeRO-2 and ZeRO-3 on 2 processes, each with and without LoRA and activ
 memory of loading a checkpoint with and without ZeRO-3's partitioned loading (zero.Init); and checkpointing's
 cut at a long sequence. The table of docs/llm.md is this script's output.
 
-    python benchmarks/llm_memory.py --output_dir runs/llm_memory                     # every part (about 1 h on 2 cores)
+    python benchmarks/llm_memory.py --output_dir runs/llm_memory --adamw             # every part (about 1.5 h on 2 cores)
     python benchmarks/llm_memory.py --output_dir runs/llm_memory --parts table --sizes llama-tiny   # one size
 
 Every figure comes from a real run of the recipe through accelerate + DeepSpeed (2 CPU processes, gloo):
@@ -12,7 +12,7 @@ Every figure comes from a real run of the recipe through accelerate + DeepSpeed 
         --num_processes 2 recipes/clm.py --config_name llama-250m --block_size 128 --per_device_train_batch_size 1 \\
         --max_train_steps 3 [--lora] [--gradient_checkpointing] ...
 
-- Models: recipes/clm.py's presets llama-tiny (4.0M), llama-60m (57M) and llama-250m (251M parameters, with the
+- Models: recipes/clm.py's presets llama-tiny (4.0M), llama-60m (57M) and llama-120m (122M parameters, with the
   30,522-token MiniLM vocabulary), random init (memory does not depend on the weights' values).
 - Optimizer: the recipe's default, AdaptOpt with Mechanic (12 bytes of fp32 state per trained parameter), with
   --optimizer_impl eager so that no run includes torch.compile's first compilation; ``--adamw`` adds one AdamW
@@ -22,9 +22,13 @@ Every figure comes from a real run of the recipe through accelerate + DeepSpeed 
   after the model was built or loaded (peak_memory_after_load_mb_per_rank).
 - tokens/s: training tokens of both ranks per second of training (3 updates, the first included), indicative
   only: the machine is shared and the first update carries DeepSpeed's set-up.
-- Loading (``--parts load``): the 250M model saved once as a checkpoint (safetensors, 200 MB shards), loaded
-  with --model_name_or_path under ZeRO-3 with accelerate's zero3_init_flag on (the repository's default) and
-  off (``--zero3_init_flag false``: every rank loads the whole model, then DeepSpeed partitions it).
+- Loading (``--parts load``): the preset llama-250m (251M parameters) saved once as a checkpoint (safetensors,
+  200 MB shards) and loaded with --model_name_or_path under ZeRO-3, with accelerate's zero3_init_flag on (the
+  repository's default) and off (``--zero3_init_flag false``: every rank loads the whole model, then DeepSpeed
+  partitions it); and the same model built from its config (--config_name llama-250m) both ways. These runs
+  train LoRA adapters for one update: loading is the same as for full fine-tuning, and the small training
+  step keeps the run beside a machine's other jobs.
+- Before each run the script waits until --min_available_gib of memory is available (a shared machine).
 - Long sequence (``--parts long``): llama-60m, ZeRO-2, full fine-tuning, 1 x 2048 tokens, with and without
   --gradient_checkpointing, 2 updates.
 Writes <output_dir>/llm_memory.json (every run's figures and command, added as runs finish) and prints the
@@ -45,7 +49,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing: the rep
 
 from adaptopt.launch import command_line, launcher_args, recipe_command, run_recipe  # noqa: E402
 
-SIZES = ["llama-tiny", "llama-60m", "llama-250m"]
+SIZES = ["llama-tiny", "llama-60m", "llama-120m"]
 PARTS = ["table", "load", "long"]
 
 
@@ -60,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="updates per table run")
     parser.add_argument("--adamw", action="store_true", help="add an AdamW row per size (ZeRO-2, full, no checkpointing)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    parser.add_argument("--min_available_gib", type=float, default=8.0,
+                        help="wait before each run until this much memory is available (MemAvailable)")
     return parser.parse_args(argv)
 
 
@@ -104,6 +110,7 @@ class Runner:
     def run(self, name: str, stage: int, recipe_args: list[str], block: int, steps: int, launcher_extra=()) -> dict:
         if name in self.record["runs"]:  # a rerun of the script continues where it stopped
             return self.record["runs"][name]
+        wait_for_memory(self.args.min_available_gib)
         out = self.out / name
         launcher = launcher_args(processes=2, deepspeed_config=REPO / "ds_configs" / f"zero{stage}.json",
                                  main_process_port=free_port()) + list(launcher_extra)
@@ -129,6 +136,17 @@ class Runner:
         print(f"{name}: peak {row['peak_mb']} MiB, after load {row['after_load_mb']} MiB, "
               f"{row['tokens_per_s']:.0f} tokens/s", flush=True)
         return row
+
+
+def wait_for_memory(gib: float) -> None:
+    import time
+
+    def available() -> float:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 2**20
+
+    while available() < gib:
+        time.sleep(10)
 
 
 def free_port() -> int:
@@ -169,15 +187,14 @@ def main(argv=None) -> None:
                       f"{r['tokens_per_s']:.0f} |", flush=True)
     if "load" in args.parts:
         checkpoint = save_checkpoint(out / "llama-250m-checkpoint")
-        rows = {}
-        for init in ("true", "false"):
-            rows[init] = runner.run(f"load-zero3-init-{init}", 3, ["--model_name_or_path", str(checkpoint)],
-                                    args.block_size, 1, launcher_extra=["--zero3_init_flag", init])
-        print("\n| llama-250m checkpoint, ZeRO-3, 2 ranks | after load GiB rank 0 / 1 | peak GiB rank 0 / 1 |\n"
+        print("\n| llama-250m (251M), ZeRO-3, 2 ranks | zero3_init_flag | after load GiB rank 0 / 1 |\n"
               "|---|---|---|", flush=True)
-        for init, label in (("false", "whole model on every rank, then partitioned"),
-                            ("true", "zero.Init: each rank loads its partition")):
-            print(f"| {label} | {gib(rows[init]['after_load_mb'])} | {gib(rows[init]['peak_mb'])} |", flush=True)
+        for source, source_args in (("checkpoint", ["--model_name_or_path", str(checkpoint)]),
+                                    ("config", ["--config_name", "llama-250m"])):
+            for init in ("false", "true"):
+                r = runner.run(f"load-{source}-zero3-init-{init}", 3, source_args + ["--lora"], args.block_size, 1,
+                               launcher_extra=["--zero3_init_flag", init])
+                print(f"| from the {source} | {init} | {gib(r['after_load_mb'])} |", flush=True)
     if "long" in args.parts:
         print("\n| llama-60m, ZeRO-2, 1 x 2048 tokens | peak GiB rank 0 / 1 | tokens/s |\n|---|---|---|", flush=True)
         for ckpt in (False, True):

@@ -5,7 +5,7 @@ Fine-tune a pretrained model (a local folder; a hub name when online), optionall
     accelerate launch recipes/clm.py --model_name_or_path path/to/model --train_file train.txt \\
         --validation_file valid.txt --output_dir runs/clm [--lora [--merge_lora]]
 Train from scratch from a config (a config.json, or a preset: gpt2-tiny, gpt2-mini, gpt2-small, llama-tiny,
-llama-60m, llama-250m):
+llama-60m, llama-120m, llama-250m):
     accelerate launch recipes/clm.py --config_name gpt2-mini --train_file train.jsonl --validation_file valid.jsonl \\
         --block_size 128 --learning_rate 1e-3 --output_dir runs/scratch
 N processes on one machine (DDP; on a CPU-only machine prefix ACCELERATE_USE_CPU=true):
@@ -68,6 +68,8 @@ PRESETS = {
     # LLaMA-family shapes of the memory table (docs/llm.md), with MiniLM's 30,522-token vocabulary:
     "llama-60m": ("llama", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                                 num_key_value_heads=8, max_position_embeddings=4096)),  # 57M
+    "llama-120m": ("llama", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                                 num_key_value_heads=4, max_position_embeddings=4096)),  # 122M
     "llama-250m": ("llama", dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
                                  num_attention_heads=16, num_key_value_heads=8,
                                  max_position_embeddings=4096)),  # 251M; grouped-query attention as LLaMA-3's
