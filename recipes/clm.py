@@ -197,15 +197,16 @@ def train(args, tokenizer, config, train_blocks, eval_blocks, chat_skipped: dict
 
     from transformers import AutoModelForCausalLM
 
-    if args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model_name_or_path),
-                                                     trust_remote_code=args.trust_remote_code, **load_kwargs(args))
-    else:  # random init from --seed (RecipeRun seeded every RNG), the same on every rank
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code,
-                                                   **load_kwargs(args))
-        if args.lora:
-            logger.warning("--lora on a model built from --config_name: the base weights are random and not saved; "
-                           "only --merge_lora keeps a usable model")
+    with run.model_loading():
+        if args.model_name_or_path:
+            model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model_name_or_path),
+                                                         trust_remote_code=args.trust_remote_code, **load_kwargs(args))
+        else:  # random init from --seed (RecipeRun seeded every RNG), the same on every rank
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code,
+                                                     **load_kwargs(args))
+    if args.lora and not args.model_name_or_path:
+        logger.warning("--lora on a model built from --config_name: the base weights are random and not saved; "
+                       "only --merge_lora keeps a usable model")
     embeddings = model.get_input_embeddings().weight  # under ZeRO-3 an empty partition: ds_shape is the full shape
     if len(tokenizer) > getattr(embeddings, "ds_shape", embeddings.shape)[0]:  # a tokenizer with added tokens
         model.resize_token_embeddings(len(tokenizer))

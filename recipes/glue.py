@@ -158,11 +158,12 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
 
     logger.info(f"model: {model_path}")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=task.num_labels, trust_remote_code=args.trust_remote_code,
-        problem_type="regression" if task.is_regression else "single_label_classification",
-        ignore_mismatched_sizes=args.ignore_mismatched_sizes, **load_kwargs(args),
-    )
+    with run.model_loading():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=task.num_labels, trust_remote_code=args.trust_remote_code,
+            problem_type="regression" if task.is_regression else "single_label_classification",
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes, **load_kwargs(args),
+        )
     model = apply_classifier_pooling(model, args.classifier_pooling)
     logger.info(f"classifier pooling: {model.config.classifier_pooling}")
     model = run.training_model(model, "SEQ_CLS")

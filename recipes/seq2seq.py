@@ -261,8 +261,9 @@ def train(args, raw, tokenizer, answers: AnswerMap | None, model_path: str, chec
     from transformers import AutoModelForSeq2SeqLM
 
     logger.info(f"model: {model_path}")
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code,
-                                                  **load_kwargs(args))
+    with run.model_loading():
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code,
+                                                      **load_kwargs(args))
     model = run.training_model(model, "SEQ_2_SEQ_LM")
     max_target = target_length(args, tokenizer)
     train_dl, eval_dls = build_dataloaders(args, raw, tokenizer, max_target)

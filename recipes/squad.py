@@ -177,8 +177,9 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
 
     logger.info(f"model: {model_path}")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_path, trust_remote_code=args.trust_remote_code,
-                                                          **load_kwargs(args))
+    with run.model_loading():
+        model = AutoModelForQuestionAnswering.from_pretrained(model_path, trust_remote_code=args.trust_remote_code,
+                                                              **load_kwargs(args))
     model = run.training_model(model, "QUESTION_ANS")
     train_dl, eval_windows, eval_dl = build_dataloaders(args, raw, tokenizer)
     logger.info(f"{len(raw['train'])} training questions -> {len(train_dl.dataset)} windows; "

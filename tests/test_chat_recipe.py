@@ -1,7 +1,8 @@
 """recipes/clm.py --chat launched for real on a tiny random LLaMA and the conversation files of tests/: the
 validation loss counts the assistant's tokens only and equals the saved model's own loss on them; activation
-checkpointing changes no loss under DDP (full fine-tuning) and under ZeRO-3 with LoRA, where the model is built
-partitioned (zero.Init); an interrupted run resumes to the uninterrupted run's result."""
+checkpointing changes no loss under DDP (full fine-tuning) and under ZeRO-3 with LoRA, where the model is loaded
+partitioned (zero.Init) or whole (zero3_init_flag false) alike; an interrupted run resumes to the uninterrupted
+run's result."""
 import json
 from pathlib import Path
 
@@ -64,7 +65,10 @@ def test_checkpointing_leaves_the_losses_unchanged(tiny_llama, tmp_path, backend
     launch_kw = dict(processes=2, ds_config="zero3.json") if backend == "zero3-lora" else dict(processes=2)
     extra = ["--max_train_steps", "4", "--save_model"] + (["--lora"] if backend == "zero3-lora" else [])
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
-    launch("recipes/clm.py", chat_args(tiny_llama, plain, *extra), **launch_kw)
+    # the run without checkpointing also loads the whole model on each rank (accelerate's zero3_init_flag off,
+    # as `accelerate launch --zero3_init_flag false` sets it): the two ways of loading must train alike too
+    launch("recipes/clm.py", chat_args(tiny_llama, plain, *extra), env={"ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"},
+           **launch_kw)
     launch("recipes/clm.py", chat_args(tiny_llama, ckpt, *extra, "--gradient_checkpointing"), **launch_kw)
     a, b = results(plain), results(ckpt)
     assert not a["gradient_checkpointing"] and b["gradient_checkpointing"] and a["num_processes"] == 2
@@ -74,8 +78,9 @@ def test_checkpointing_leaves_the_losses_unchanged(tiny_llama, tmp_path, backend
     losses = train_losses(plain)
     assert len(losses) == 4 and train_losses(ckpt) == pytest.approx(losses, rel=1e-5)
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
-    # zero.Init under the ZeRO-3 config (launch/deepspeed_single_node.yaml leaves accelerate's default on)
-    assert a["loaded_partitioned"] == (backend == "zero3-lora")
+    # zero.Init under the ZeRO-3 config (launch/deepspeed_single_node.yaml leaves accelerate's default on), and
+    # not where the flag is off
+    assert not a["loaded_partitioned"] and b["loaded_partitioned"] == (backend == "zero3-lora")
     if backend == "zero3-lora":
         n = a["parameters"]
         assert a["trainable_parameters"] < n and a["memory"]["start"]["parameter_bytes"] < 0.55 * 4 * n
