@@ -156,8 +156,9 @@ class RecipeRun:
     # -- building -------------------------------------------------------------------------------------
     @contextmanager
     def model_loading(self):
-        """Wraps the recipe's ``from_pretrained``/``from_config``; records each rank's peak memory before and after
-        (results.json's peak_memory_{before,after}_load_mb_per_rank).
+        """Wraps the recipe's ``from_pretrained``/``from_config``; records each rank's peak memory before it
+        (results.json's peak_memory_before_load_mb_per_rank; peak_memory_at_start_mb_per_rank is the peak once
+        prepare() has placed the model, which is where a lazily mapped checkpoint is first read).
 
         Under a ZeRO-3 config, transformers builds or loads the model inside ``deepspeed.zero.Init`` (partitioned
         loading: each rank allocates only its share, and only rank 0 reads a checkpoint's values) whenever the
@@ -177,7 +178,6 @@ class RecipeRun:
         finally:
             if whole:
                 plugin.set_deepspeed_weakref()
-        self.memory_after_load = round(peak_memory_mb(), 1)
 
     def training_model(self, model, task_type: str):
         """The model as it trains: activation checkpointing (--gradient_checkpointing), then LoRA adapters
@@ -431,7 +431,7 @@ class RecipeRun:
         logger.info(f"memory at end: {format_report(memory_end)}")
         # every rank's peaks (a gather: every rank calls summary), since ZeRO and rank 0's saving make them differ
         peaks = acc.gather(torch.tensor([[peak_memory_mb(acc.device), getattr(self, "memory_before_load", 0.0),
-                                          getattr(self, "memory_after_load", 0.0)]],
+                                          self.memory_start["peak_memory_mb"]]],
                                         dtype=torch.float32, device=acc.device)).cpu().tolist()
         return dict(
             **fields, optimizer=self.args.optimizer, seed=self.args.seed,
@@ -450,7 +450,7 @@ class RecipeRun:
             mixed_precision=acc.mixed_precision, peak_memory_mb=peak_memory_mb(acc.device),
             peak_memory_mb_per_rank=[round(p[0], 1) for p in peaks],
             peak_memory_before_load_mb_per_rank=[round(p[1], 1) for p in peaks],
-            peak_memory_after_load_mb_per_rank=[round(p[2], 1) for p in peaks],
+            peak_memory_at_start_mb_per_rank=[round(p[2], 1) for p in peaks],
             loaded_partitioned=getattr(self, "loaded_partitioned", False),
             torch_dtype=self.args.torch_dtype, attn_implementation=self.args.attn_implementation,
             gradient_checkpointing=self.args.gradient_checkpointing,

@@ -18,8 +18,11 @@ Every figure comes from a real run of the recipe through accelerate + DeepSpeed 
   --optimizer_impl eager so that no run includes torch.compile's first compilation; ``--adamw`` adds one AdamW
   row (8 bytes per parameter) per size.
 - Peak memory: each rank's ``ru_maxrss`` at the end of the run (results.json's peak_memory_mb_per_rank), which
-  includes the Python/torch/DeepSpeed runtime (about 0.6 GiB per rank here). "after load": the same, read right
-  after the model was built or loaded (peak_memory_after_load_mb_per_rank).
+  includes the Python/torch/DeepSpeed runtime (about 0.6 GiB per rank here). "at start": the same once
+  prepare() has placed the model, before the first update (memory.start.peak_memory_mb, rank 0; the load part
+  reads every rank's, peak_memory_at_start_mb_per_rank, and the peak before loading,
+  peak_memory_before_load_mb_per_rank). A checkpoint is mapped lazily and first read when prepare() places it,
+  which is why loading is measured up to the start of training and not right after from_pretrained.
 - tokens/s: training tokens of both ranks per second of training (3 updates, the first included), indicative
   only: the machine is shared and the first update carries DeepSpeed's set-up.
 - Loading (``--parts load``): the preset llama-250m (251M parameters) saved once as a checkpoint (safetensors,
@@ -108,10 +111,10 @@ class Runner:
         self.record = json.loads(self.json.read_text()) if self.json.is_file() else dict(runs={})
 
     def run(self, name: str, stage: int, recipe_args: list[str], block: int, steps: int, launcher_extra=()) -> dict:
-        if name in self.record["runs"]:  # a rerun of the script continues where it stopped
-            return self.record["runs"][name]
-        wait_for_memory(self.args.min_available_gib)
         out = self.out / name
+        if name in self.record["runs"] and (out / "results.json").is_file():  # a rerun continues where it stopped
+            return self._row(name, stage, block, steps, self.record["runs"][name]["command"])
+        wait_for_memory(self.args.min_available_gib)
         launcher = launcher_args(processes=2, deepspeed_config=REPO / "ds_configs" / f"zero{stage}.json",
                                  main_process_port=free_port()) + list(launcher_extra)
         args = ["--train_file", str(self.train), "--validation_file", str(self.valid), "--block_size", str(block),
@@ -121,20 +124,27 @@ class Runner:
         out.mkdir(parents=True, exist_ok=True)
         cmd, _ = recipe_command(launcher, REPO / "recipes" / "clm.py", args, threads=self.args.threads)
         run_recipe(launcher, REPO / "recipes" / "clm.py", args, threads=self.args.threads, log=out / "run.log")
-        r = json.loads((out / "results.json").read_text())
+        row = self._row(name, stage, block, steps, command_line(cmd).replace(f"{REPO}/", "").replace(f"{self.out}/", ""))
+        print(f"{name}: peak {row['peak_mb']} MiB, at start {row['start_mb']} MiB, "
+              f"{row['tokens_per_s']:.0f} tokens/s", flush=True)
+        return row
+
+    def _row(self, name: str, stage: int, block: int, steps: int, command: str) -> dict:
+        """The figures of a finished run, from its results.json (recorded in llm_memory.json)."""
+        r = json.loads((self.out / name / "results.json").read_text())
         row = dict(name=name, stage=stage, model=r["model"], parameters=r["parameters"],
                    trainable_parameters=r["trainable_parameters"], optimizer=r["optimizer"],
                    lora=r["trainable_parameters"] < r["parameters"], gradient_checkpointing=r["gradient_checkpointing"],
                    block_size=block, steps=steps, peak_mb=r["peak_memory_mb_per_rank"],
-                   after_load_mb=r["peak_memory_after_load_mb_per_rank"],
+                   start_mb=r.get("peak_memory_at_start_mb_per_rank", [r["memory"]["start"]["peak_memory_mb"]]),
+                   before_load_mb=r.get("peak_memory_before_load_mb_per_rank"),
+                   loaded_partitioned=r.get("loaded_partitioned"),
                    tokens_per_s=r["train_samples_per_second"] * block, train_loss=r["train_loss"],
                    optimizer_state_bytes=r["memory"]["end"]["optimizer_state_bytes"],
                    parameter_bytes=r["memory"]["end"]["parameter_bytes"],
-                   command=command_line(cmd).replace(f"{REPO}/", "").replace(f"{self.out}/", ""))
+                   command=command)
         self.record["runs"][name] = row
         self.json.write_text(json.dumps(self.record, indent=2))
-        print(f"{name}: peak {row['peak_mb']} MiB, after load {row['after_load_mb']} MiB, "
-              f"{row['tokens_per_s']:.0f} tokens/s", flush=True)
         return row
 
 
@@ -169,8 +179,8 @@ def main(argv=None) -> None:
     runner.record.setdefault("machine", dict(date=datetime.date.today().isoformat(), cpus=os.cpu_count(),
                                              processor=platform.processor() or platform.machine()))
     if "table" in args.parts:
-        print("| model | parameters | ZeRO | LoRA | act. ckpt | optimizer | peak GiB rank 0 / 1 | after load GiB "
-              "rank 0 / 1 | tokens/s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+        print("| model | parameters | ZeRO | LoRA | act. ckpt | optimizer | peak GiB rank 0 / 1 | at start GiB, rank 0 "
+              "| tokens/s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
         for size in args.sizes:
             configs = [(stage, lora, ckpt, "adaptopt") for stage in (2, 3) for lora in (False, True)
                        for ckpt in (False, True)]
@@ -183,18 +193,21 @@ def main(argv=None) -> None:
                     ["--gradient_checkpointing"] if ckpt else [])
                 r = runner.run(name, stage, extra, args.block_size, args.steps)
                 print(f"| {size} | {r['parameters'] / 1e6:.1f}M | {stage} | {'yes' if lora else 'no'} | "
-                      f"{'yes' if ckpt else 'no'} | {optimizer} | {gib(r['peak_mb'])} | {gib(r['after_load_mb'])} | "
+                      f"{'yes' if ckpt else 'no'} | {optimizer} | {gib(r['peak_mb'])} | {gib(r['start_mb'][:1])} | "
                       f"{r['tokens_per_s']:.0f} |", flush=True)
     if "load" in args.parts:
         checkpoint = save_checkpoint(out / "llama-250m-checkpoint")
-        print("\n| llama-250m (251M), ZeRO-3, 2 ranks | zero3_init_flag | after load GiB rank 0 / 1 |\n"
-              "|---|---|---|", flush=True)
+        print("\n| llama-250m (251M), ZeRO-3, 2 ranks | zero3_init_flag | loaded partitioned | before loading GiB "
+              "rank 0 / 1 | at start GiB rank 0 / 1 | loading cost GiB rank 0 / 1 |\n|---|---|---|---|---|---|",
+              flush=True)
         for source, source_args in (("checkpoint", ["--model_name_or_path", str(checkpoint)]),
                                     ("config", ["--config_name", "llama-250m"])):
             for init in ("false", "true"):
                 r = runner.run(f"load-{source}-zero3-init-{init}", 3, source_args + ["--lora"], args.block_size, 1,
                                launcher_extra=["--zero3_init_flag", init])
-                print(f"| from the {source} | {init} | {gib(r['after_load_mb'])} |", flush=True)
+                cost = [a - b for a, b in zip(r["start_mb"], r["before_load_mb"])]
+                print(f"| from the {source} | {init} | {'yes' if r['loaded_partitioned'] else 'no'} | "
+                      f"{gib(r['before_load_mb'])} | {gib(r['start_mb'])} | {gib(cost)} |", flush=True)
     if "long" in args.parts:
         print("\n| llama-60m, ZeRO-2, 1 x 2048 tokens | peak GiB rank 0 / 1 | tokens/s |\n|---|---|---|", flush=True)
         for ckpt in (False, True):
