@@ -9,7 +9,7 @@ cut at a long sequence. The table of docs/llm.md is this script's output.
 Every figure comes from a real run of the recipe through accelerate + DeepSpeed (2 CPU processes, gloo):
 
     accelerate launch --config_file launch/deepspeed_single_node.yaml --deepspeed_config_file ds_configs/zero{2,3}.json \\
-        --num_processes 2 recipes/clm.py --config_name llama-250m --block_size 128 --per_device_train_batch_size 1 \\
+        --num_processes 2 recipes/clm.py --config_name llama-120m --block_size 128 --per_device_train_batch_size 1 \\
         --max_train_steps 3 [--lora] [--gradient_checkpointing] ...
 
 - Models: recipes/clm.py's presets llama-tiny (4.0M), llama-60m (57M) and llama-120m (122M parameters, with the
@@ -18,7 +18,7 @@ Every figure comes from a real run of the recipe through accelerate + DeepSpeed 
   --optimizer_impl eager so that no run includes torch.compile's first compilation; ``--adamw`` adds one AdamW
   row (8 bytes per parameter) per size.
 - Peak memory: each rank's ``ru_maxrss`` at the end of the run (results.json's peak_memory_mb_per_rank), which
-  includes the Python/torch/DeepSpeed runtime (about 0.6 GiB per rank here). "at start": the same once
+  includes the Python/torch/DeepSpeed runtime (about 0.5 GiB per rank here). "at start": the same once
   prepare() has placed the model, before the first update (memory.start.peak_memory_mb, rank 0; the load part
   reads every rank's, peak_memory_at_start_mb_per_rank, and the peak before loading,
   peak_memory_before_load_mb_per_rank). A checkpoint is mapped lazily and first read when prepare() places it,
