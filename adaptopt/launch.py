@@ -22,6 +22,7 @@ every caller (``launch/run.py`` for users, the benchmarks, the optimizer study, 
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -99,6 +100,14 @@ def launcher_args(*, processes: int = 1, machines: int = 1, machine_rank: int | 
     return args
 
 
+def available_cores() -> int:
+    """The cores this process may use; inside a SLURM job no more than its allocation (SLURM_CPUS_PER_TASK),
+    which a cluster without CPU binding does not show in the affinity mask."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cores
+
+
 def threads_per_process(args: list[str], cores: int, concurrent_runs: int = 1) -> int:
     """CPU threads for each process of ``accelerate launch args`` so that ``concurrent_runs`` such launches
     share ``cores`` cores: cores / (runs x processes per machine), at least 1."""
@@ -115,7 +124,7 @@ def recipe_command(launcher: list[str], recipe: str | Path, recipe_args: Iterabl
     machine, with the thread policy and the CPU catches of the module docstring.
 
     ``threads``: CPU threads per process (default: the policy). ``environ``: the environment to start from
-    (default os.environ). ``cuda``/``cores``: the machine (default: torch.cuda.is_available(), os.cpu_count())."""
+    (default os.environ). ``cuda``/``cores``: the machine (default: torch.cuda.is_available(), available_cores())."""
     environ = os.environ if environ is None else environ
     if cuda is None:
         import torch
@@ -129,7 +138,7 @@ def recipe_command(launcher: list[str], recipe: str | Path, recipe_args: Iterabl
         if chosen is None:
             args = ["--num_cpu_threads_per_process", str(threads), *args]
     elif not cuda and chosen is None and "OMP_NUM_THREADS" not in environ:
-        args = ["--num_cpu_threads_per_process", str(threads_per_process(args, cores or os.cpu_count() or 1)), *args]
+        args = ["--num_cpu_threads_per_process", str(threads_per_process(args, cores or available_cores())), *args]
     if not cuda:
         distributed = _config_value(args, "distributed_type")
         if "--use_deepspeed" in args or distributed == "DEEPSPEED":
@@ -153,6 +162,22 @@ class RecipeFailed(RuntimeError):
         where = f"; its output is in {log}" if log is not None else ""
         super().__init__(f"{command_line(cmd)} failed (exit {returncode}){where}:\n{tail}")
         self.returncode = returncode
+
+
+def results_of(launcher: list[str], recipe: str | Path, recipe_args: list[str], out: str | Path, *,
+               threads: int | None = None, env: Mapping[str, str] | None = None, log: str | Path | None = None,
+               cwd: str | Path | None = None) -> dict:
+    """The results.json of the recipe run writing to ``out`` (``recipe_args`` carry ``--output_dir out``),
+    running it first unless it finished before: a finished run is one whose results.json exists, the study
+    runner's rule, so a benchmark restarted after an interruption goes on where it stopped."""
+    results = Path(out) / "results.json"
+    if not results.is_file():
+        print(f"running: {command_line(recipe_command(launcher, recipe, recipe_args, threads=threads)[0])}",
+              flush=True)
+        if log is not None:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+        run_recipe(launcher, recipe, recipe_args, threads=threads, env=env, log=log, cwd=cwd)
+    return json.loads(results.read_text())
 
 
 def run_recipe(launcher: list[str], recipe: str | Path, recipe_args: Iterable[str] = (), *,

@@ -11,7 +11,6 @@ Prints a Markdown table to paste into docs/results.md, with the exact command of
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing: the repository's adaptopt
 
-from adaptopt.launch import command_line, launcher_args, recipe_command, run_recipe  # noqa: E402
+from adaptopt.launch import command_line, launcher_args, recipe_command, results_of  # noqa: E402
 
 # task -> the metric the issue sets a target on, that target, and extra recipe arguments
 TASKS = {
@@ -58,12 +57,8 @@ def main():
         out = Path(args.out) / task
         launch = (launcher_args(), "recipes/glue.py", recipe_args(task, args, out))
         shown = command_line(recipe_command(*launch, threads=args.threads)[0])
-        if not (out / "results.json").is_file():
-            print(f"running {task}: {shown}", flush=True)
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            run_recipe(*launch, threads=args.threads, env=dict(HF_HUB_OFFLINE="1"), cwd=REPO,
+        r = results_of(*launch, out, threads=args.threads, env=dict(HF_HUB_OFFLINE="1"), cwd=REPO,
                        log=Path(args.out) / f"{task}.log")
-        r = json.loads((out / "results.json").read_text())
         spec = TASKS[task]
         value = r[spec["metric"]]
         others = ", ".join(f"{k} {r[k] * 100:.1f}" for k in ("accuracy", "f1", "spearmanr") if k in r and k != spec["metric"])

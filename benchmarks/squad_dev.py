@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing: the repository's adaptopt
 
-from adaptopt.launch import command_line, launcher_args, recipe_command, run_recipe  # noqa: E402
+from adaptopt.launch import command_line, launcher_args, recipe_command, results_of  # noqa: E402
 
 
 def recipe_args(optimizer: str, args, out: Path) -> list[str]:
@@ -59,12 +59,8 @@ def main():
         out = Path(args.out) / optimizer
         launch = (launcher_args(), "recipes/squad.py", recipe_args(optimizer, args, out))
         shown = command_line(recipe_command(*launch, threads=args.threads)[0])
-        if not (out / "results.json").is_file():
-            print(f"running {optimizer}: {shown}", flush=True)
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            run_recipe(*launch, threads=args.threads, env=dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+        r = results_of(*launch, out, threads=args.threads, env=dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
                        cwd=REPO, log=Path(args.out) / f"{optimizer}.log")
-        r = json.loads((out / "results.json").read_text())
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         per_epoch = " / ".join(f"{e['eval/f1']:.1f}" for e in log if "eval/f1" in e)
         rows.append(f"| {optimizer} | **{r['exact_match']:.1f}** | **{r['f1']:.1f}** | {per_epoch} | "

@@ -29,7 +29,7 @@ from accelerate.logging import get_logger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from adaptopt import cli  # noqa: E402
-from adaptopt.data.glue import GLUE_TASKS, GlueDataError, glue_dir_from_env, load_glue  # noqa: E402
+from adaptopt.data.glue import GLUE_TASKS, GlueDataError, check_glue_source, load_glue  # noqa: E402
 from adaptopt.models import load_kwargs, resolve_model  # noqa: E402
 from adaptopt.pooling import POOLINGS, PoolingError, apply_classifier_pooling  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
@@ -65,18 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     cli.check_shared_args(parser, args)
-    sources = [s for s in ("data_dir", "train_file", "dataset_name") if getattr(args, s)]
-    if args.validation_file and "train_file" not in sources:
-        sources.append("validation_file")
-    if len(sources) > 1 and set(sources) != {"train_file", "validation_file"}:
-        parser.error(f"give one data source, not several: got --{' and --'.join(sources)}")
-    if not sources:
-        args.data_dir = glue_dir_from_env()
-        if args.data_dir is None:
-            parser.error("no data: pass --data_dir (or set GLUE_DIR) to the folder holding CoLA/, SST-2/, ..., "
-                         "or --train_file/--validation_file, or --dataset_name nyu-mll/glue")
-    if args.train_file and not args.validation_file:
-        parser.error("--train_file needs --validation_file (the dev metrics are the result)")
+    check_glue_source(parser, args)
     return args
 
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import adaptopt.metrics  # noqa: E402
 from adaptopt import cli  # noqa: E402
-from adaptopt.data.glue import GLUE_TASKS, GlueDataError, glue_dir_from_env, load_glue  # noqa: E402
+from adaptopt.data.glue import GLUE_TASKS, GlueDataError, check_glue_source, load_glue  # noqa: E402
 from adaptopt.data.text2text import (STSB_TARGETS, AnswerMap, Text2TextDataError, glue_as_text2text,  # noqa: E402
                                      load_pairs, round_trip)
 from adaptopt.models import ModelNotFoundError, load_kwargs, resolve_model  # noqa: E402
@@ -113,18 +113,7 @@ def _check_glue_sources(parser, args) -> None:
         parser.error("--source_prefix is for --train_file pairs; GLUE sources start with T5's task name")
     if args.max_target_length is not None:
         parser.error("--max_target_length is for --train_file pairs; GLUE targets are label names, never cut")
-    sources = [s for s in ("data_dir", "train_file", "dataset_name") if getattr(args, s)]
-    if args.validation_file and "train_file" not in sources:
-        sources.append("validation_file")
-    if len(sources) > 1 and set(sources) != {"train_file", "validation_file"}:
-        parser.error(f"give one data source, not several: got --{' and --'.join(sources)}")
-    if not sources:
-        args.data_dir = glue_dir_from_env()
-        if args.data_dir is None:
-            parser.error("no data: pass --data_dir (or set GLUE_DIR) to the folder holding CoLA/, SST-2/, ..., "
-                         "or --train_file/--validation_file, or --dataset_name nyu-mll/glue")
-    if args.train_file and not args.validation_file:
-        parser.error("--train_file needs --validation_file (the dev metrics are the result)")
+    check_glue_source(parser, args)
 
 
 def resolve_model_and_tokenizer(args):

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from adaptopt.launch import (RecipeFailed, command_line, launcher_args, recipe_command, run_recipe, split_command,
-                             threads_per_process)
+from adaptopt.launch import (RecipeFailed, command_line, launcher_args, recipe_command, results_of, run_recipe,
+                             split_command, threads_per_process)
 from conftest import REPO, _free_port
 from test_glue_recipe import common
 
@@ -103,6 +103,21 @@ def test_a_failed_recipe_raises_with_the_tail_of_its_output(tmp_path):
                 r".*threads 3\n.*error: the reason")
     with pytest.raises(RecipeFailed, match=expected):
         run_recipe(launcher_args(), script, threads=3, log=log, timeout=120)  # accelerate alone would give 1
+
+
+def test_results_of_runs_a_recipe_once_and_then_reads_its_results(tmp_path):
+    """A real accelerate launch of a script that writes results.json and counts its runs; the second call
+    finds the run finished and reads it (how the benchmarks resume after an interruption)."""
+    script, out = tmp_path / "writes.py", tmp_path / "run"
+    script.write_text("import json, pathlib, sys\nout = pathlib.Path(sys.argv[sys.argv.index('--output_dir') + 1])\n"
+                      "out.mkdir(parents=True, exist_ok=True)\ncount = out / 'runs'\n"
+                      "count.write_text(str(int(count.read_text()) + 1) if count.exists() else '1')\n"
+                      "(out / 'results.json').write_text(json.dumps({'f1': 0.5}))\n")
+    args = ["--output_dir", str(out)]
+    for _ in range(2):
+        assert results_of(launcher_args(), script, args, out, threads=1, log=tmp_path / "logs" / "run.log") == {
+            "f1": 0.5}
+    assert (out / "runs").read_text() == "1"
 
 
 def test_run_py_without_a_recipe_says_so():

@@ -22,7 +22,8 @@ from adaptopt.study import stats
 from adaptopt.study.config import FULL, StudyConfigError, load_study, to_flags
 from adaptopt.study.plots import PLOTS
 from adaptopt.study.records import final_train_loss
-from adaptopt.study.runner import Runner, available_cores, check_unchanged, run_dir, stderr_tail, threads_per_run
+from adaptopt.launch import available_cores, threads_per_process
+from adaptopt.study.runner import Runner, check_unchanged, run_dir, stderr_tail
 from conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -224,9 +225,9 @@ def test_yaml_1_1_exponents_and_flags():
 
 
 def test_threads_split_the_cores_between_parallel_runs():
-    assert threads_per_run(["--num_processes", "1"], jobs=2, cores=8) == 4
-    assert threads_per_run(["--num_processes", "2"], jobs=2, cores=8) == 2
-    assert threads_per_run([], jobs=4, cores=2) == 1
+    assert threads_per_process(["--num_processes", "1"], cores=8, concurrent_runs=2) == 4
+    assert threads_per_process(["--num_processes", "2"], cores=8, concurrent_runs=2) == 2
+    assert threads_per_process([], cores=2, concurrent_runs=4) == 1
 
 
 def test_stderr_tail_treats_progress_bar_rewrites_as_lines(tmp_path):

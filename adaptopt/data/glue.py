@@ -158,6 +158,23 @@ def glue_dir_from_env() -> str | None:
     return os.environ.get(GLUE_DIR_ENV) or None
 
 
+def check_glue_source(parser, args) -> None:
+    """One GLUE data source among --data_dir (default $GLUE_DIR), --train_file with --validation_file and
+    --dataset_name, for every recipe that reads GLUE; ``parser.error`` names what is wrong."""
+    sources = [s for s in ("data_dir", "train_file", "dataset_name") if getattr(args, s)]
+    if args.validation_file and "train_file" not in sources:
+        sources.append("validation_file")
+    if len(sources) > 1 and set(sources) != {"train_file", "validation_file"}:
+        parser.error(f"give one data source, not several: got --{' and --'.join(sources)}")
+    if not sources:
+        args.data_dir = glue_dir_from_env()
+        if args.data_dir is None:
+            parser.error("no data: pass --data_dir (or set GLUE_DIR) to the folder holding CoLA/, SST-2/, ..., "
+                         "or --train_file/--validation_file, or --dataset_name nyu-mll/glue")
+    if args.train_file and not args.validation_file:
+        parser.error("--train_file needs --validation_file (the dev metrics are the result)")
+
+
 def load_glue(
     task: str,
     *,

@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..cli import FLAG_HYPERPARAMETERS
+from ..launch import available_cores, recipe_command, threads_per_process
 from ..registry import default_hyperparameters
 from .config import REPO, RunSpec, Study, StudyConfigError
 from .files import write_atomically
@@ -83,10 +83,11 @@ def run_status(directory: Path) -> str:
     return FAILED if info and info.get("status") == FAILED else PENDING
 
 
-def launch_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
-    """The exact command of one run: what `accelerate launch <launcher> <recipe> <args>` runs."""
-    return [sys.executable, "-m", "accelerate.commands.launch", *study.launcher, str(study.recipe),
-            *spec.launch_args(), "--output_dir", str(out)]
+def launch_command(study: Study, spec: RunSpec, out: Path, threads: int) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of one run: `accelerate launch <launcher> <recipe> <args>` through
+    adaptopt.launch, which owns the CPU catches, with ``threads`` CPU threads per process."""
+    return recipe_command(study.launcher, study.recipe, [*spec.launch_args(), "--output_dir", str(out)],
+                          threads=threads)
 
 
 def portable_command(study: Study, spec: RunSpec, out: Path) -> list[str]:
@@ -102,25 +103,6 @@ def portable_path(path: Path) -> str:
         return Path(path).resolve().relative_to(REPO).as_posix()
     except ValueError:  # a study kept outside the repository
         return str(path)
-
-
-def available_cores() -> int:
-    """The cores this process may use; inside a SLURM job no more than its allocation (SLURM_CPUS_PER_TASK),
-    which a cluster without CPU binding does not show in the affinity mask."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return min(cores, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cores
-
-
-def threads_per_run(launcher: list[str], jobs: int, cores: int) -> int:
-    """OMP threads per process so that `jobs` runs of `--num_processes` processes share the cores."""
-    processes = 1
-    for i, arg in enumerate(launcher):
-        if arg == "--num_processes" and i + 1 < len(launcher):
-            processes = int(launcher[i + 1])
-        elif arg.startswith("--num_processes="):
-            processes = int(arg.split("=", 1)[1])
-    return max(1, cores // (jobs * max(1, processes)))
 
 
 def optimizer_defaults(name: str) -> dict:
@@ -195,7 +177,7 @@ class Runner:
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.study, self.jobs, self.timeout, self.log = study, jobs, timeout, log
-        self.threads = threads_per_run(study.launcher, jobs, cores or available_cores())
+        self.threads = threads_per_process(study.launcher, cores or available_cores(), concurrent_runs=jobs)
         self._active: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -247,7 +229,7 @@ class Runner:
         if "--resume_from_checkpoint" not in spec.flags:
             # A fresh attempt: the log of a cut-off attempt would otherwise mix into this one's curves.
             (out / "train_log.jsonl").unlink(missing_ok=True)
-        cmd = launch_command(self.study, spec, out)
+        cmd, env = launch_command(self.study, spec, out, self.threads)
         info = dict(name=spec.name, task=spec.task, optimizer=spec.optimizer, learning_rate=spec.learning_rate,
                     seed=spec.seed, variant=spec.variant, recipe_args=spec.recipe_args(),
                     optimizer_defaults=optimizer_defaults(spec.optimizer),
@@ -255,7 +237,6 @@ class Runner:
                     omp_num_threads=self.threads, attempts=previous.get("attempts", 0) + 1,
                     started=datetime.now(timezone.utc).isoformat(timespec="seconds"), status="running")
         _write_json(out / "run.json", info)
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
         start = time.perf_counter()
         returncode, timed_out = None, False
         with open(out / "stdout.log", "w") as stdout, open(out / "stderr.log", "w") as stderr:
