@@ -110,6 +110,18 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow code from the model repository to run (off by default: it is arbitrary code)")
 
+    g = parser.add_argument_group("model loading and activations")
+    g.add_argument("--torch_dtype", choices=TORCH_DTYPES, default=None,
+                   help="dtype the weights are loaded in (from_pretrained's dtype; default: transformers' own). "
+                        "auto: the checkpoint's. bfloat16/float16 halve the weights' memory; for full fine-tuning "
+                        "pair them with DeepSpeed's bf16/fp16 (--mixed_precision), which keeps fp32 master weights")
+    g.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default=None,
+                   help="attention kernel (default: transformers' choice, sdpa where the model has it). "
+                        "flash_attention_2/3 need a CUDA GPU and the flash-attn package")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass instead of keeping them: less "
+                        "memory at long sequences for about one more forward pass of compute")
+
     g = parser.add_argument_group("LoRA (peft)")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
     g.add_argument("--lora_r", type=int, default=8, help="adapter rank")
@@ -119,6 +131,33 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--merge_lora", action="store_true",
                    help="at the end, also write <output_dir>/model_merged: the base model with the adapters folded "
                         "into its weights, loadable without peft (implies --save_model, which writes the adapters)")
+
+
+# --torch_dtype's words (transformers' dtype names) and the attention kernels --attn_implementation offers.
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+# The package each FlashAttention kernel imports (flash-attn 2 and its Hopper build, flash-attn 3).
+_FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def attn_refusal(attn_implementation: str | None) -> str | None:
+    """Why this machine cannot run ``--attn_implementation``, or None. Checked before any process starts:
+    transformers would otherwise try to fetch a kernel from the hub, or fail inside the first forward."""
+    package = _FLASH_PACKAGES.get(attn_implementation)
+    if package is None:
+        return None
+    import importlib.util
+
+    import torch
+
+    missing = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                     (f"the {package} package", importlib.util.find_spec(package) is not None))
+               if not ok]
+    if not missing:
+        return None
+    return (f"--attn_implementation {attn_implementation} needs a CUDA GPU and the {package} package; this machine "
+            f"has no {' and no '.join(m.removeprefix('a ').removeprefix('the ') for m in missing)}. "
+            "Use --attn_implementation sdpa (PyTorch's fused attention, any device) or eager")
 
 
 def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -155,6 +194,9 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
                      "still set its warmup")
     if args.lr_scheduler == "cyclical" and not args.cycle_steps:
         parser.error("--lr_scheduler cyclical needs --cycle_steps (updates per half cycle)")
+    refusal = attn_refusal(args.attn_implementation)
+    if refusal:
+        parser.error(refusal)
     if args.merge_lora and not args.lora:
         parser.error("--merge_lora needs --lora (it folds the trained adapters into the base weights)")
     cs = args.checkpointing_steps

@@ -52,3 +52,38 @@ def resolve_model(name_or_path: str | None) -> str:
             "local model directory, or omit --model_name_or_path to use the embedded all-MiniLM-L6-v2"
         )
     return name_or_path
+
+
+def load_kwargs(args) -> dict:
+    """What --torch_dtype and --attn_implementation pass to ``from_pretrained``/``from_config`` (only the flags
+    given: transformers' own defaults stay in force otherwise)."""
+    kwargs = {}
+    if args.torch_dtype is not None:
+        import torch
+
+        kwargs["dtype"] = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
+    if args.attn_implementation is not None:
+        kwargs["attn_implementation"] = args.attn_implementation
+    return kwargs
+
+
+def enable_activation_checkpointing(model) -> None:
+    """--gradient_checkpointing: each decoder/encoder layer keeps only its input and recomputes the rest in the
+    backward pass.
+
+    torch's non-reentrant checkpoint (``use_reentrant=False``, torch's recommendation): it needs no input that
+    requires grad, so the frozen embeddings under LoRA do not cut the graph. transformers also registers
+    ``enable_input_require_grads`` for models fed ``input_ids``, which the reentrant variant and peft's
+    ``prepare_model_for_kbit_training`` rely on. Under ZeRO-3 with frozen weights (LoRA) the recompute needs a
+    DeepSpeed with deepspeedai/DeepSpeed#8148 (0.19.8 has it). The KV cache is off: a training forward must not
+    build one, and transformers refuses it with checkpointing anyway."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient_checkpointing: {type(model).__name__} does not support activation "
+                         "checkpointing in transformers; drop the flag")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False

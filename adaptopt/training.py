@@ -7,7 +7,7 @@ model class, and how to evaluate. Everything listed above is written once, here,
 feature reaches every recipe at once. Usage::
 
     run = RecipeRun(args, project="glue")
-    model = run.apply_lora(model, "SEQ_CLS")
+    model = run.training_model(model, "SEQ_CLS")
     model, evals = run.prepare(model, train_dl, eval_dls)
     run.resume(checkpoint)
     results = run.fit(evaluate=lambda: {...}, primary_metric="accuracy")
@@ -156,6 +156,43 @@ class RecipeRun:
         self.monitor = DivergenceMonitor(args.max_consecutive_skipped_steps)
 
     # -- building -------------------------------------------------------------------------------------
+    @contextmanager
+    def model_loading(self):
+        """Wraps the recipe's ``from_pretrained``/``from_config``; records each rank's peak memory before it
+        (results.json's peak_memory_before_load_mb_per_rank; peak_memory_at_start_mb_per_rank is the peak once
+        prepare() has placed the model, which is where a lazily mapped checkpoint is first read).
+
+        Under a ZeRO-3 config, transformers builds or loads the model inside ``deepspeed.zero.Init`` (partitioned
+        loading: each rank allocates only its share, and only rank 0 reads a checkpoint's values) whenever the
+        DeepSpeed config accelerate registers with it (``HfDeepSpeedConfig``) is present. accelerate 1.15
+        registers it whatever its ``zero3_init_flag`` says, so ``--zero3_init_flag false`` (``accelerate
+        launch``'s flag) is honoured here: the registration is lifted for the load and restored after it, since
+        saving and generation under ZeRO-3 need it. DeepSpeed then partitions the whole model at prepare()."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        whole = plugin is not None and plugin.hf_ds_config.is_zero3() and not plugin.zero3_init_flag
+        self.memory_before_load = round(peak_memory_mb(), 1)
+        if whole:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if whole:
+                plugin.set_deepspeed_weakref()
+
+    def training_model(self, model, task_type: str):
+        """The model as it trains: activation checkpointing (--gradient_checkpointing), then LoRA adapters
+        (--lora), in that order so that peft wraps a base model that already recomputes its layers. Logs
+        parameter counts."""
+        # DeepSpeed marks the parameters zero.Init built or loaded partitioned (model_loading)
+        self.loaded_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+        if self.args.gradient_checkpointing:
+            from .models import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+        return self.apply_lora(model, task_type)
+
     def apply_lora(self, model, task_type: str):
         """Wraps the model in LoRA adapters when --lora is given; logs parameter counts either way."""
         if self.args.lora:
@@ -416,6 +453,10 @@ class RecipeRun:
         acc = self.accelerator
         memory_end = self.memory.report()
         logger.info(f"memory at end: {format_report(memory_end)}")
+        # every rank's peaks (a gather: every rank calls summary), since ZeRO and rank 0's saving make them differ
+        peaks = acc.gather(torch.tensor([[peak_memory_mb(acc.device), getattr(self, "memory_before_load", 0.0),
+                                          self.memory_start["peak_memory_mb"]]],
+                                        dtype=torch.float32, device=acc.device)).cpu().tolist()
         return dict(
             **fields, optimizer=self.args.optimizer, seed=self.args.seed,
             **results,
@@ -431,6 +472,12 @@ class RecipeRun:
             train_samples=self.train_examples,
             total_batch_size=self.total_batch, num_processes=acc.num_processes,
             mixed_precision=acc.mixed_precision, peak_memory_mb=peak_memory_mb(acc.device),
+            peak_memory_mb_per_rank=[round(p[0], 1) for p in peaks],
+            peak_memory_before_load_mb_per_rank=[round(p[1], 1) for p in peaks],
+            peak_memory_at_start_mb_per_rank=[round(p[2], 1) for p in peaks],
+            loaded_partitioned=getattr(self, "loaded_partitioned", False),
+            torch_dtype=self.args.torch_dtype, attn_implementation=self.args.attn_implementation,
+            gradient_checkpointing=self.args.gradient_checkpointing,
             parameters=self.n_total, trainable_parameters=self.n_train,
             skipped_updates=self.monitor.skipped,
             resumed_from=str(self.checkpoint) if self.checkpoint else None,

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from adaptopt import cli  # noqa: E402
 from adaptopt.data.glue import GLUE_TASKS, GlueDataError, check_glue_source, load_glue  # noqa: E402
-from adaptopt.models import resolve_model  # noqa: E402
+from adaptopt.models import load_kwargs, resolve_model  # noqa: E402
 from adaptopt.pooling import POOLINGS, PoolingError, apply_classifier_pooling  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
 from adaptopt.training import RecipeRun, check_run_inputs, run_main  # noqa: E402
@@ -147,14 +147,15 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
 
     logger.info(f"model: {model_path}")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=task.num_labels, trust_remote_code=args.trust_remote_code,
-        problem_type="regression" if task.is_regression else "single_label_classification",
-        ignore_mismatched_sizes=args.ignore_mismatched_sizes,
-    )
+    with run.model_loading():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=task.num_labels, trust_remote_code=args.trust_remote_code,
+            problem_type="regression" if task.is_regression else "single_label_classification",
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes, **load_kwargs(args),
+        )
     model = apply_classifier_pooling(model, args.classifier_pooling)
     logger.info(f"classifier pooling: {model.config.classifier_pooling}")
-    model = run.apply_lora(model, "SEQ_CLS")
+    model = run.training_model(model, "SEQ_CLS")
     train_dl, eval_dls = build_dataloaders(args, raw, tokenizer)
     model, eval_dls = run.prepare(model, train_dl, eval_dls)
 

@@ -44,7 +44,7 @@ from adaptopt import cli  # noqa: E402
 from adaptopt.data.glue import GLUE_TASKS, GlueDataError, check_glue_source, load_glue  # noqa: E402
 from adaptopt.data.text2text import (STSB_TARGETS, AnswerMap, Text2TextDataError, glue_as_text2text,  # noqa: E402
                                      load_pairs, round_trip)
-from adaptopt.models import ModelNotFoundError, resolve_model  # noqa: E402
+from adaptopt.models import ModelNotFoundError, load_kwargs, resolve_model  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
 from adaptopt.training import RecipeRun, check_run_inputs, run_main  # noqa: E402
 
@@ -250,8 +250,10 @@ def train(args, raw, tokenizer, answers: AnswerMap | None, model_path: str, chec
     from transformers import AutoModelForSeq2SeqLM
 
     logger.info(f"model: {model_path}")
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    model = run.apply_lora(model, "SEQ_2_SEQ_LM")
+    with run.model_loading():
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code,
+                                                      **load_kwargs(args))
+    model = run.training_model(model, "SEQ_2_SEQ_LM")
     max_target = target_length(args, tokenizer)
     train_dl, eval_dls = build_dataloaders(args, raw, tokenizer, max_target)
     model, eval_dls = run.prepare(model, train_dl, eval_dls)

@@ -48,7 +48,7 @@ import adaptopt.metrics  # noqa: E402
 from adaptopt import cli  # noqa: E402
 from adaptopt.data.squad import (SquadDataError, best_answers, check_tokenizer, eval_features,  # noqa: E402
                                  is_squad_v2_file, load_squad, train_features)
-from adaptopt.models import resolve_model  # noqa: E402
+from adaptopt.models import load_kwargs, resolve_model  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
 from adaptopt.training import RecipeRun, check_run_inputs, run_main  # noqa: E402
 
@@ -177,8 +177,10 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
 
     logger.info(f"model: {model_path}")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    model = run.apply_lora(model, "QUESTION_ANS")
+    with run.model_loading():
+        model = AutoModelForQuestionAnswering.from_pretrained(model_path, trust_remote_code=args.trust_remote_code,
+                                                              **load_kwargs(args))
+    model = run.training_model(model, "QUESTION_ANS")
     train_dl, eval_windows, eval_dl = build_dataloaders(args, raw, tokenizer)
     logger.info(f"{len(raw['train'])} training questions -> {len(train_dl.dataset)} windows; "
                 f"{len(raw['validation'])} evaluation questions -> {len(eval_windows)} windows")
