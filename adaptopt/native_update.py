@@ -17,12 +17,19 @@ compiled path cannot update in place either) to the single-tensor loop.
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .functional import TensorScalars, _pack_scalars, adaptopt_compiled, adaptopt_single_tensor
+
+logger = logging.getLogger(__name__)
+# A build takes about 1.5 min on 2 cores. torch's loader waits, without a timeout or a message, for as long as a
+# build's lock file exists, so a build that was killed (Ctrl-C, a job's time limit) would hang every later run.
+STALE_LOCK_S = 600
 
 SOURCE = Path(__file__).with_name("native_update.cpp")
 SIMD_LEVELS = ("avx512", "avx2", "scalar")  # widest first
@@ -46,13 +53,33 @@ def _load(simd: str):
 
     if simd not in SIMD_LEVELS:
         raise ValueError(f"simd={simd!r}: use one of {SIMD_LEVELS}")
+    name = f"adaptopt_native_update_{simd}"
+    remove_stale_lock(name)
     return load_extension(
-        name=f"adaptopt_native_update_{simd}",
+        name=name,
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DADAPTOPT_SIMD_{simd.upper()}"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+
+
+def remove_stale_lock(name: str, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Removes the build lock of extension ``name`` when it is older than any build takes (left by a build
+    that was stopped); True if it did. A younger lock is another process building: torch waits for it."""
+    from torch.utils.cpp_extension import _get_build_directory  # where torch's loader puts the build and lock
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False
+    logger.warning(f"removing {lock}: a build of the native update stopped {age / 60:.0f} min ago left it, and "
+                   "torch's loader would wait on it forever")
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def native_update_unavailable() -> str | None:

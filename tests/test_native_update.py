@@ -1,12 +1,15 @@
 """The native CPU kernel (adaptopt/native_update.cpp) in float32, where its vector lanes run: every vector width
 this CPU has, held to the float64 single-tensor path step by step (tests/test_optim.py holds its float64
 instantiation to the float64 reference through AdaptOpt)."""
+import os
+
 import pytest
 import torch
 
 from adaptopt import AdaptOpt
 from adaptopt.functional import TensorScalars, adaptopt_single_tensor
-from adaptopt.native_update import SIMD_LEVELS, adaptopt_native, cpu_simd_level, load, native_update_unavailable
+from adaptopt.native_update import (SIMD_LEVELS, adaptopt_native, cpu_simd_level, load, native_update_unavailable,
+                                    remove_stale_lock)
 
 # Every width up to this CPU's: a forced narrower one (AVX2 on an AVX-512 machine) is the path AVX2-only
 # machines run. Each width is a build of its own (about a minute, then cached).
@@ -97,3 +100,18 @@ def test_strided_tensors_take_the_single_tensor_loop(clip):
 
 def test_the_kernel_builds_and_runs_here():
     assert native_update_unavailable() is None  # CI's machine has a C++ compiler, as DeepSpeedCPUAdam needs
+
+
+def test_a_lock_left_by_a_stopped_build_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """torch's loader waits forever on a build lock; one older than any build is removed, a fresh one (another
+    process building now) is kept."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = tmp_path.joinpath(_get_build_directory("adaptopt_native_update_test", verbose=False), "lock")
+    lock.write_text("")
+    assert not remove_stale_lock("adaptopt_native_update_test") and lock.exists()
+    old = lock.stat().st_mtime - 3600
+    os.utime(lock, (old, old))
+    assert remove_stale_lock("adaptopt_native_update_test") and not lock.exists()
+    assert not remove_stale_lock("adaptopt_native_update_test")  # no lock: nothing to do
