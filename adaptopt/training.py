@@ -43,7 +43,7 @@ from .config_check import ConfigError, RecipeSettings, check_launch_env
 from .deepspeed_run import DeepSpeedRun, fix_cpu_deepspeed_state
 from .divergence import DivergenceMonitor, TooManySkippedUpdates, update_applied
 from .launch import exit_with
-from .memory import MemoryTracker, format_report, numel, peak_memory_mb
+from .memory import MemoryTracker, PrivatePeak, format_report, freed_memory_returned, numel, peak_memory_mb
 from .models import ModelNotFoundError
 from .optim import AdaptOpt
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
@@ -160,23 +160,28 @@ class RecipeRun:
     def model_loading(self):
         """Wraps the recipe's ``from_pretrained``/``from_config``; records each rank's peak memory before it
         (results.json's peak_memory_before_load_mb_per_rank; peak_memory_at_start_mb_per_rank is the peak once
-        prepare() has placed the model, which is where a lazily mapped checkpoint is first read).
+        prepare() has placed the model, which is where a lazily mapped checkpoint is first read), and each rank's
+        private memory from here to there (private_memory_*_load_mb_per_rank: the resident figures include the
+        page cache of a mapped checkpoint; adaptopt/memory.py).
 
         Under a ZeRO-3 config, transformers builds or loads the model inside ``deepspeed.zero.Init`` (partitioned
         loading: each rank allocates only its share, and only rank 0 reads a checkpoint's values) whenever the
         DeepSpeed config accelerate registers with it (``HfDeepSpeedConfig``) is present. accelerate 1.15
         registers it whatever its ``zero3_init_flag`` says, so ``--zero3_init_flag false`` (``accelerate
         launch``'s flag) is honoured here: the registration is lifted for the load and restored after it, since
-        saving and generation under ZeRO-3 need it. DeepSpeed then partitions the whole model at prepare()."""
+        saving and generation under ZeRO-3 need it. DeepSpeed then partitions the whole model at prepare(). While
+        loading, freed temporaries go back to the system (adaptopt.memory.freed_memory_returned)."""
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         whole = plugin is not None and plugin.hf_ds_config.is_zero3() and not plugin.zero3_init_flag
         self.memory_before_load = round(peak_memory_mb(), 1)
+        self.private_load = PrivatePeak().start()  # stopped once prepare() has placed the model
         if whole:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()
         try:
-            yield
+            with freed_memory_returned():  # the load's temporaries go back to the system (adaptopt/memory.py)
+                yield
         finally:
             if whole:
                 plugin.set_deepspeed_weakref()
@@ -242,6 +247,9 @@ class RecipeRun:
         self.clipper = ds_run.grad_clipper if ds_run is not None else getattr(optimizer, "grad_clipper", None)
         self.memory = MemoryTracker(self.model, optimizer)  # adaptopt/memory.py: what the figures mean
         self.memory_start = self.memory.report()
+        private_load = getattr(self, "private_load", None)
+        if private_load is not None:
+            private_load.stop()
         logger.info(f"memory at start: {format_report(self.memory_start)}")
         self.total_batch = args.per_device_train_batch_size * acc.num_processes * args.gradient_accumulation_steps
         if args.with_tracking:
@@ -454,8 +462,11 @@ class RecipeRun:
         memory_end = self.memory.report()
         logger.info(f"memory at end: {format_report(memory_end)}")
         # every rank's peaks (a gather: every rank calls summary), since ZeRO and rank 0's saving make them differ
+        private = getattr(self, "private_load", None)
+        private = (private.start_mb, private.peak_mb) if private is not None and private.start_mb is not None else (
+            float("nan"), float("nan"))
         peaks = acc.gather(torch.tensor([[peak_memory_mb(acc.device), getattr(self, "memory_before_load", 0.0),
-                                          self.memory_start["peak_memory_mb"]]],
+                                          self.memory_start["peak_memory_mb"], *private]],
                                         dtype=torch.float32, device=acc.device)).cpu().tolist()
         return dict(
             **fields, optimizer=self.args.optimizer, seed=self.args.seed,
@@ -475,6 +486,10 @@ class RecipeRun:
             peak_memory_mb_per_rank=[round(p[0], 1) for p in peaks],
             peak_memory_before_load_mb_per_rank=[round(p[1], 1) for p in peaks],
             peak_memory_at_start_mb_per_rank=[round(p[2], 1) for p in peaks],
+            # private (anonymous) resident memory right before loading and its peak until prepare() placed the
+            # model: what loading holds of its own, without a mapped checkpoint's shared page cache
+            private_memory_before_load_mb_per_rank=[None if math.isnan(p[3]) else round(p[3], 1) for p in peaks],
+            private_memory_peak_load_mb_per_rank=[None if math.isnan(p[4]) else round(p[4], 1) for p in peaks],
             loaded_partitioned=getattr(self, "loaded_partitioned", False),
             torch_dtype=self.args.torch_dtype, attn_implementation=self.args.attn_implementation,
             gradient_checkpointing=self.args.gradient_checkpointing,

@@ -22,7 +22,9 @@ Every figure comes from a real run of the recipe through accelerate + DeepSpeed 
   prepare() has placed the model, before the first update (memory.start.peak_memory_mb, rank 0; the load part
   reads every rank's, peak_memory_at_start_mb_per_rank, and the peak before loading,
   peak_memory_before_load_mb_per_rank). A checkpoint is mapped lazily and first read when prepare() places it,
-  which is why loading is measured up to the start of training and not right after from_pretrained.
+  which is why loading is measured up to the start of training and not right after from_pretrained. The load
+  part also reports each rank's private memory (private_memory_*_load_mb_per_rank: anonymous resident memory,
+  sampled), which leaves out the mapped checkpoint's page cache that the resident figures count.
 - tokens/s: training tokens of both ranks per second of training (3 updates, the first included), indicative
   only: the machine is shared and the first update carries DeepSpeed's set-up.
 - Loading (``--parts load``): the preset llama-250m (251M parameters) saved once as a checkpoint (safetensors,
@@ -138,6 +140,8 @@ class Runner:
                    block_size=block, steps=steps, peak_mb=r["peak_memory_mb_per_rank"],
                    start_mb=r.get("peak_memory_at_start_mb_per_rank", [r["memory"]["start"]["peak_memory_mb"]]),
                    before_load_mb=r.get("peak_memory_before_load_mb_per_rank"),
+                   private_before_load_mb=r.get("private_memory_before_load_mb_per_rank"),
+                   private_peak_load_mb=r.get("private_memory_peak_load_mb_per_rank"),
                    loaded_partitioned=r.get("loaded_partitioned"),
                    tokens_per_s=r["train_samples_per_second"] * block, train_loss=r["train_loss"],
                    optimizer_state_bytes=r["memory"]["end"]["optimizer_state_bytes"],
@@ -198,16 +202,17 @@ def main(argv=None) -> None:
     if "load" in args.parts:
         checkpoint = save_checkpoint(out / "llama-250m-checkpoint")
         print("\n| llama-250m (251M), ZeRO-3, 2 ranks | zero3_init_flag | loaded partitioned | before loading GiB "
-              "rank 0 / 1 | at start GiB rank 0 / 1 | loading cost GiB rank 0 / 1 |\n|---|---|---|---|---|---|",
-              flush=True)
+              "rank 0 / 1 | at start GiB rank 0 / 1 | loading cost GiB rank 0 / 1 | private loading cost GiB rank 0 / 1 |"
+              "\n|---|---|---|---|---|---|---|", flush=True)
         for source, source_args in (("checkpoint", ["--model_name_or_path", str(checkpoint)]),
                                     ("config", ["--config_name", "llama-250m"])):
             for init in ("false", "true"):
                 r = runner.run(f"load-{source}-zero3-init-{init}", 3, source_args + ["--lora"], args.block_size, 1,
                                launcher_extra=["--zero3_init_flag", init])
                 cost = [a - b for a, b in zip(r["start_mb"], r["before_load_mb"])]
+                private = [a - b for a, b in zip(r["private_peak_load_mb"], r["private_before_load_mb"])]
                 print(f"| from the {source} | {init} | {'yes' if r['loaded_partitioned'] else 'no'} | "
-                      f"{gib(r['before_load_mb'])} | {gib(r['start_mb'])} | {gib(cost)} |", flush=True)
+                      f"{gib(r['before_load_mb'])} | {gib(r['start_mb'])} | {gib(cost)} | {gib(private)} |", flush=True)
     if "long" in args.parts:
         print("\n| llama-60m, ZeRO-2, 1 x 2048 tokens | peak GiB rank 0 / 1 | tokens/s |\n|---|---|---|", flush=True)
         for ckpt in (False, True):
