@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing: the rep
 from adaptopt.launch import command_line, launcher_args, recipe_command, run_recipe  # noqa: E402
 
 SIZES = ["llama-tiny", "llama-60m", "llama-120m"]
+LARGE = ["llama-250m"]  # full fine-tuning needs about 6 GiB per rank: run on its own with --sizes llama-250m
 PARTS = ["table", "load", "long"]
 
 
@@ -64,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--squad_dir", default=os.environ.get("SQUAD_DIR") or str(REPO.parent / "shared" / "data" / "squad"),
                         help="SQuAD v1.1 files whose paragraphs are the training text")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="what to measure")
-    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=SIZES, help="model sizes of the table")
+    parser.add_argument("--sizes", nargs="+", choices=SIZES + LARGE, default=SIZES,
+                        help="model sizes of the table (llama-250m only when named)")
     parser.add_argument("--block_size", type=int, default=128, help="tokens per sequence of the table's runs")
     parser.add_argument("--steps", type=int, default=3, help="updates per table run")
     parser.add_argument("--adamw", action="store_true", help="add an AdamW row per size (ZeRO-2, full, no checkpointing)")

@@ -2,8 +2,12 @@
 validation loss counts the assistant's tokens only and equals the saved model's own loss on them; activation
 checkpointing changes no loss under DDP (full fine-tuning) and under ZeRO-3 with LoRA, where the model is loaded
 partitioned (zero.Init) or whole (zero3_init_flag false) alike; an interrupted run resumes to the uninterrupted
-run's result."""
+run's result, and a preempted one (SIGUSR1, exit 75) too."""
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from clm_fixtures import tiny_llama  # noqa: F401 (fixture)
 from conftest import launch
 
 HERE = Path(__file__).parent
+REPO = HERE.parent
 TRAIN, VALID = HERE / "chat_train.jsonl", HERE / "chat_valid.jsonl"
 BLOCK = 128  # the tiny LLaMA's positions; one training conversation is longer and is skipped
 
@@ -105,3 +110,33 @@ def test_an_interrupted_chat_run_resumes_to_the_same_result(tiny_llama, tmp_path
     a, b = results(full), results(part)
     assert b["resumed_from"] and b["completed_steps"] == 6
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_preempted_chat_run_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):  # noqa: F811
+    """SIGUSR1 (SLURM's warning before preemption) once the run has started: it checkpoints after update 1 and
+    exits 75; resumed with --resume_from_checkpoint latest, it ends where the uninterrupted run ended."""
+    full, out = tmp_path / "full", tmp_path / "preempted"
+    launch("recipes/clm.py", chat_args(tiny_llama, full, "--max_train_steps", "4"))
+    cmd = [sys.executable, str(REPO / "recipes" / "clm.py"), *chat_args(tiny_llama, out, "--max_train_steps", "4")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # as launch() runs the uninterrupted run
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    seen = []
+    for line in proc.stderr:  # the parameter count is logged after the handler is installed, before update 1
+        seen.append(line)
+        if "parameters: " in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    _, rest = proc.communicate(timeout=600)
+    assert proc.returncode == 75, "".join(seen)[-3000:] + rest[-3000:]
+    assert "stopped for preemption after update 1" in rest
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
+    assert not (out / "results.json").exists()
+
+    resumed = subprocess.run([*cmd, "--resume_from_checkpoint", "latest"], capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    a, b = results(full), results(out)
+    assert b["resumed_from"].endswith("step_00000001") and b["completed_steps"] == 4
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
