@@ -214,6 +214,32 @@ def check_accelerate_config(path: str | Path) -> dict:
     return config
 
 
+def precision_refusal(config: dict, mixed_precision: str | None) -> str | None:
+    """Why this machine's DeepSpeed accelerator cannot train in the precision ``config`` asks for (its fp16/bf16
+    "enabled", where "auto" follows accelerate's ``mixed_precision``), or None.
+
+    DeepSpeed checks it only once the model is loaded (engine ``_do_sanity_check``: "Type fp16 is not supported
+    on your device", in a traceback); on a CPU its accelerator offers fp16 only where oneDNN has fp16 kernels
+    (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``), which many CPUs lack."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    for dtype, supported in (("fp16", accelerator.is_fp16_supported), ("bf16", accelerator.is_bf16_supported)):
+        enabled = (config.get(dtype) or {}).get("enabled", False)
+        if not (_is_true(enabled) or (enabled == "auto" and mixed_precision == dtype)) or supported():
+            continue
+        other = "bf16" if dtype == "fp16" else "fp16"
+        instead = (f"--mixed_precision {other} (supported here) or no" if
+                   (accelerator.is_bf16_supported if other == "bf16" else accelerator.is_fp16_supported)()
+                   else "--mixed_precision no")
+        return (f"{dtype} under DeepSpeed: this machine's DeepSpeed accelerator ({accelerator.device_name()}) does "
+                f"not support {dtype}" + (" (on a CPU it needs oneDNN's fp16 kernels, which this one lacks)"
+                                          if accelerator.device_name() == "cpu" and dtype == "fp16" else "") +
+                f". Use {instead}" + (f', or set "{dtype}": {{"enabled": false}} in the JSON' if _is_true(enabled)
+                                      else ""))
+    return None
+
+
 def check_launch_env(recipe: RecipeSettings) -> None:
     """The check a recipe runs at start-up on what ``accelerate launch`` passed it in the environment."""
     import os
@@ -224,7 +250,11 @@ def check_launch_env(recipe: RecipeSettings) -> None:
     if path and path != "none":
         if recipe.world_size is None and os.environ.get("WORLD_SIZE"):
             recipe.world_size = int(os.environ["WORLD_SIZE"])
-        check_ds_config(load_json(path), recipe, name=f"DeepSpeed config {path}")
+        config = load_json(path)
+        check_ds_config(config, recipe, name=f"DeepSpeed config {path}")
+        refusal = precision_refusal(config, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+        if refusal:
+            raise ConfigError(refusal)
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from adaptopt.config_check import ConfigError, RecipeSettings, check_accelerate_config, check_ds_config, load_json, main
+from adaptopt.config_check import (ConfigError, RecipeSettings, check_accelerate_config, check_ds_config,
+                                   check_launch_env, load_json, main)
 from conftest import REPO
 
 RECIPE = RecipeSettings(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_grad_norm=1.0, world_size=4)
@@ -132,3 +133,27 @@ def test_command_line_exit_codes(capsys, tmp_path):
     bad.write_text(json.dumps(config(train_batch_size=7)))
     assert main(["--ds_config", str(bad), "--num_processes", "2", "--per_device_train_batch_size", "4"]) == 2
     assert "train_batch_size 7 != micro batch 4 x accumulation 1 x world size 2 = 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_fp16_the_accelerator_lacks_stops_at_start_up(monkeypatch, supported):
+    """DeepSpeed's CPU accelerator offers fp16 only with oneDNN's fp16 kernels (absent on many CPUs, e.g. AMD
+    EPYC); DeepSpeed itself says so only after the model is loaded, in a traceback. The recipe's start-up check
+    (check_launch_env) says it first, in one line, for the shipped configs' "auto" under --mixed_precision fp16.
+    The accelerator's answer is set here, so that both cases run on any machine."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: supported)
+    monkeypatch.setattr(type(get_accelerator()), "is_bf16_supported", lambda self: True)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "ds_configs" / "zero2.json"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    recipe = RecipeSettings(8, 1, 1.0, 1)
+    if supported:
+        check_launch_env(recipe)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_launch_env(recipe)
+    assert "does not support fp16" in str(err.value) and "--mixed_precision bf16 (supported here) or no" in str(err.value)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # "auto" then means bf16, which this machine has
+    check_launch_env(recipe)
