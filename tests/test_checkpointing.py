@@ -151,11 +151,15 @@ def test_the_recipe_on_a_full_disk_exits_74_with_one_message_and_its_previous_ch
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
-def _checkpoint(tmp_path, name, shards=0, **progress):
+def _checkpoint(tmp_path, name, shards=0, stage=2, bf16=False, **progress):
+    """A checkpoint folder as far as check_resume_world reads it: progress.json and ZeRO shard files that hold only
+    the config DeepSpeed saves with them."""
     folder = tmp_path / name
     (folder / "pytorch_model").mkdir(parents=True)
+    config = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
     for rank in range(shards):
-        (folder / "pytorch_model" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+        torch.save({"ds_config": config},
+                   folder / "pytorch_model" / f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     (folder / "progress.json").write_text(json.dumps(dict(completed_steps=3, epoch=0, **progress)))
     return folder
 
@@ -176,20 +180,31 @@ def test_a_ddp_checkpoint_resumes_at_another_world_size_after_the_same_examples(
         check_resume_world(ddp, 4, deepspeed=False)
 
 
-def test_a_zero_checkpoint_at_another_world_size_stops_with_what_to_do(tmp_path):
+def test_a_zero_checkpoint_at_another_world_size_resumes_where_its_layout_allows(tmp_path):
     from adaptopt.checkpointing import ResumeWorldError, check_resume_world
 
-    zero = _checkpoint(tmp_path, "zero", shards=2, batches_in_epoch=3, num_processes=2)
-    check_resume_world(zero, 2, deepspeed=True)
-    with pytest.raises(ResumeWorldError, match=r"written by 2 processes under DeepSpeed ZeRO, resumed by 1\. .*"
-                                               r"Resume with --num_processes 2 .*deepspeed\.utils\.zero_to_fp32"):
+    for stage, bf16 in ((1, False), (2, False), (2, True)):  # resharded at load (adaptopt/zero_resume.py)
+        zero = _checkpoint(tmp_path, f"zero{stage}{bf16}", shards=2, stage=stage, bf16=bf16, batches_in_epoch=3,
+                           num_processes=2)
+        check_resume_world(zero, 2, deepspeed=True)
         check_resume_world(zero, 1, deepspeed=True)
+        check_resume_world(zero, 3, deepspeed=True)  # 6 batches consumed: 2 each
+        with pytest.raises(ResumeWorldError, match="cannot split evenly"):
+            check_resume_world(zero, 4, deepspeed=True)
+    zero3 = _checkpoint(tmp_path, "zero3", shards=2, stage=3, batches_in_epoch=3, num_processes=2)
+    check_resume_world(zero3, 2, deepspeed=True)
+    with pytest.raises(ResumeWorldError, match=r"written by 2 processes under DeepSpeed ZeRO-3, resumed by 1\. .*"
+                                               r"Resume with --num_processes 2 .*deepspeed\.utils\.zero_to_fp32"):
+        check_resume_world(zero3, 1, deepspeed=True)
+    zero0_bf16 = _checkpoint(tmp_path, "zero0bf16", shards=2, stage=0, bf16=True, batches_in_epoch=3, num_processes=2)
+    with pytest.raises(ResumeWorldError, match=r"under DeepSpeed ZeRO-0 bf16 \(DeepSpeed's BF16_Optimizer\)"):
+        check_resume_world(zero0_bf16, 1, deepspeed=True)
+    zero = _checkpoint(tmp_path, "zero", shards=2, batches_in_epoch=3, num_processes=2)
     with pytest.raises(ResumeWorldError, match="this run does not use DeepSpeed"):
         check_resume_world(zero, 2, deepspeed=False)
-    zero0 = _checkpoint(tmp_path, "zero0", batches_in_epoch=3, num_processes=2)  # no shards: one full state
+    zero0 = _checkpoint(tmp_path, "zero0", batches_in_epoch=3, num_processes=2)  # no shards: one whole state
     check_resume_world(zero0, 2, deepspeed=True)
-    with pytest.raises(ResumeWorldError, match="A ZeRO-0 resume at another world size is not supported"):
-        check_resume_world(zero0, 1, deepspeed=True)
+    check_resume_world(zero0, 1, deepspeed=True)
     ddp = _checkpoint(tmp_path, "ddp", batches_in_epoch=3, num_processes=2)
     (ddp / "optimizer.bin").write_bytes(b"")
     with pytest.raises(ResumeWorldError, match="written without DeepSpeed, but this run uses DeepSpeed"):

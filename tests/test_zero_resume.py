@@ -6,6 +6,7 @@ checkpoint must equal the one loaded: the fp32 weights, every per-element state 
 Mechanic's x0), every per-tensor and group scalar, the engine's clipper and the Mechanic learner, and the pending
 partial sums as totals. recipes/glue.py resuming at another world size: tests/test_checkpointing.py.
 """
+import os
 import subprocess
 import sys
 
@@ -18,14 +19,13 @@ from adaptopt.zero_resume import consolidate
 
 pytestmark = pytest.mark.slow  # three torchrun launches
 
-CONFIGS = ("zero1.json", "zero2.json", "zero2_offload.json")
+CASES = ("zero1.json-fp32", "zero2.json-fp32", "zero2_offload.json-fp32", "zero2.json-bf16")  # the worker's
 
 
 def _torchrun(processes: int, *args) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
            str(_free_port()), str(REPO / "tests" / "zero_resume_worker.py"), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={
-        **__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-6000:]
 
 
@@ -56,12 +56,12 @@ def _assert_same_state(a, b):
     assert len(a.client["grad_clipper"]["warmup_norms"]) > 0  # the engine's adaptive clipper had recorded norms
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("source, resharded, written_by", [("two", "two_to_one", 2), ("one", "one_to_two", 1)])
-def test_a_checkpoint_loaded_at_another_world_size_holds_the_whole_state(checkpoints, config, source, resharded,
+def test_a_checkpoint_loaded_at_another_world_size_holds_the_whole_state(checkpoints, case, source, resharded,
                                                                          written_by):
-    a = consolidate(checkpoints / source / config / "pytorch_model")
-    b = consolidate(checkpoints / resharded / config / "pytorch_model")
+    a = consolidate(checkpoints / source / case / "pytorch_model")
+    b = consolidate(checkpoints / resharded / case / "pytorch_model")
     assert (a.written_by, b.written_by) == (written_by, 3 - written_by)
     _assert_same_state(a, b)
 
@@ -69,8 +69,8 @@ def test_a_checkpoint_loaded_at_another_world_size_holds_the_whole_state(checkpo
 def test_the_pending_partial_sums_are_totalled_over_the_writing_ranks(checkpoints):
     """Each rank's pending sums are its shard's part; their total is what the next step's all-reduce gives."""
     shards = [torch.load(p, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
-              for p in sorted((checkpoints / "two" / "zero2.json" / "pytorch_model").glob("zero_pp_rank_*"))]
-    whole = consolidate(checkpoints / "two" / "zero2.json" / "pytorch_model")
+              for p in sorted((checkpoints / "two" / "zero2.json-fp32" / "pytorch_model").glob("zero_pp_rank_*"))]
+    whole = consolidate(checkpoints / "two" / "zero2.json-fp32" / "pytorch_model")
     assert len(shards) == 2 and shards[0]["lr_tuner"]["pending"] != shards[1]["lr_tuner"]["pending"]
     assert whole.client["lr_tuner"]["pending"] == [a + b for a, b in zip(*(s["lr_tuner"]["pending"] for s in shards))]
     for i, group in enumerate(whole.client["param_groups"]):

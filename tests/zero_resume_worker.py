@@ -1,12 +1,12 @@
 """Run by tests/test_zero_resume.py under ``torchrun`` (1 or 2 processes): AdaptOpt as DeepSpeed's client
-optimizer under each ZeRO-1/2 config, trained a few steps and checkpointed, or a checkpoint of another world size
+optimizer under each ZeRO-1/2 case (CASES), trained a few steps and checkpointed, or a checkpoint of another world size
 loaded through adaptopt/zero_resume.py and saved again at once, so that the test can compare the two checkpoints.
 
 ``--train OUT``: trains STEPS updates (adaptive clipping by the engine, AdaptOpt's default Mechanic rule and
-adaptive momentum: every kind of state) and saves ``OUT/<config>``.
-``--reshard IN OUT``: builds the same engine, loads ``IN/<config>`` (another world size) as the recipes do
+adaptive momentum: every kind of state) and saves ``OUT/<config>-<precision>``.
+``--reshard IN OUT``: builds the same engine, loads ``IN/<config>-<precision>`` (another world size) as the recipes do
 (the model by DeepSpeed with ``load_optimizer_states=False``, the optimizer state by ``load_resharded``), checks
-that the fp32 master weights are the whole ones, and saves ``OUT/<config>`` without a step in between.
+that the fp32 master weights are the whole ones, and saves ``OUT/<config>-<precision>`` without a step in between.
 """
 from __future__ import annotations
 
@@ -20,18 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
-from ds_worker import CLIP, MICRO, build, ds_config, loss_fn, make_data, make_model  # noqa: E402
+from ds_worker import CLIP, MICRO, PRECISION_DTYPE, build, ds_config, loss_fn, make_data, make_model  # noqa: E402
 
 from adaptopt.deepspeed_run import DeepSpeedRun  # noqa: E402
 from adaptopt.zero_resume import consolidate, load_resharded  # noqa: E402
 
-CONFIGS = ("zero1.json", "zero2.json", "zero2_offload.json")
+# (ds_configs/ file, precision): both ZeRO stages, the host-side optimizer of ZeRO-Offload, bf16 master weights
+CASES = (("zero1.json", "fp32"), ("zero2.json", "fp32"), ("zero2_offload.json", "fp32"), ("zero2.json", "bf16"))
 STEPS = 4
 
 
-def engine_for(config_name: str):
+def engine_for(config_name: str, precision: str):
     world = dist.get_world_size()
-    config = ds_config(config_name, "fp32")
+    config = ds_config(config_name, precision)
     config.update(train_batch_size=MICRO * world)  # each rank takes MICRO rows of every step's batch
     model = make_model()
     run = DeepSpeedRun(config, CLIP, adaptive_clip=True)
@@ -42,30 +43,31 @@ def engine_for(config_name: str):
     return engine, run
 
 
-def train(out: Path, config_name: str) -> None:
-    engine, run = engine_for(config_name)
+def train(out: Path, config_name: str, precision: str) -> None:
+    engine, run = engine_for(config_name, precision)
     world, rank = dist.get_world_size(), dist.get_rank()
     x, y, _, _ = make_data(STEPS)
     rows = slice(rank * 2 * MICRO // world, (rank + 1) * 2 * MICRO // world)  # the same global batch at any size
     for t in range(STEPS):
-        engine.backward(loss_fn(engine(x[t, rows]), y[t, rows]))
+        engine.backward(loss_fn(engine(x[t, rows].to(PRECISION_DTYPE[precision])), y[t, rows]))
         engine.step()
         run.after_update()
-    engine.save_checkpoint(str(out / config_name), tag="pytorch_model")
+    engine.save_checkpoint(str(out / f"{config_name}-{precision}"), tag="pytorch_model")
     engine.destroy()
 
 
-def reshard(source: Path, out: Path, config_name: str) -> None:
-    engine, run = engine_for(config_name)
-    whole = consolidate(source / config_name / "pytorch_model")
+def reshard(source: Path, out: Path, config_name: str, precision: str) -> None:
+    engine, run = engine_for(config_name, precision)
+    folder = f"{config_name}-{precision}"
+    whole = consolidate(source / folder / "pytorch_model")
     assert whole.written_by != dist.get_world_size()
-    engine.load_checkpoint(str(source / config_name), tag="pytorch_model", load_optimizer_states=False)
+    engine.load_checkpoint(str(source / folder), tag="pytorch_model", load_optimizer_states=False)
     load_resharded(engine, whole)
     run.after_load()
     for name, param in engine.module.named_parameters():  # the model the engine holds is the checkpoint's
         group = next(g for g in whole.fp32 if name in g)
-        assert torch.equal(param.detach().flatten(), group[name]), name
-    engine.save_checkpoint(str(out / config_name), tag="pytorch_model")
+        assert torch.equal(param.detach().flatten(), group[name].to(param.dtype)), name
+    engine.save_checkpoint(str(out / folder), tag="pytorch_model")
     engine.destroy()
 
 
@@ -75,11 +77,11 @@ def main() -> None:
     parser.add_argument("--reshard", type=Path, nargs=2)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
-    for config_name in CONFIGS:
+    for config_name, precision in CASES:
         if args.train:
-            train(args.train, config_name)
+            train(args.train, config_name, precision)
         if args.reshard:
-            reshard(*args.reshard, config_name)
+            reshard(*args.reshard, config_name, precision)
     dist.barrier()
 
 
