@@ -211,6 +211,17 @@ def test_a_zero_checkpoint_at_another_world_size_resumes_where_its_layout_allows
         check_resume_world(ddp, 2, deepspeed=True)
 
 
+def _no_dropout(tiny_bert, tmp_path):
+    """The tiny BERT without dropout: each process draws its own masks, which no resume carries over to another
+    world size."""
+    model = tmp_path / "no-dropout"
+    shutil.copytree(tiny_bert, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
 @pytest.mark.slow
 def test_a_ddp_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result(glue_dir, tiny_bert, tmp_path):
     """2 DDP processes (batch 16 each) to update 6, checkpointing at 3; the checkpoint resumed by one process with
@@ -221,11 +232,7 @@ def test_a_ddp_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result
 
     from conftest import launch
 
-    model = tmp_path / "no-dropout"
-    shutil.copytree(tiny_bert, model)
-    config = json.loads((model / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    (model / "config.json").write_text(json.dumps(config))
+    model = _no_dropout(tiny_bert, tmp_path)
 
     def run(out, processes, *extra):
         proc = launch("recipes/glue.py", common(glue_dir, model, out, "--max_train_steps", "6", "--keep_checkpoints",
@@ -266,23 +273,63 @@ def test_a_ddp_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result
 
 
 @pytest.mark.slow
-def test_a_zero2_run_of_two_processes_resumed_by_one_stops_before_training(glue_dir, tiny_bert, tmp_path):
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero0.json"])
+def test_a_deepspeed_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result(ds_config, glue_dir, tiny_bert,
+                                                                                      tmp_path):
+    """As the DDP case above, under DeepSpeed: ZeRO-2's optimizer shards of 2 processes are joined and resharded for
+    one (adaptopt/zero_resume.py); ZeRO-0's optimizer state is whole. The resumed run ends with the 2 processes'
+    model, optimizer state and train loss, and its own checkpoint at update 6 holds the same state."""
+    from safetensors.torch import load_file
+
     from conftest import launch
 
-    out = tmp_path / "zero2"
-    first = launch("recipes/glue.py", common(glue_dir, tiny_bert, out, "--max_train_steps", "2",
-                                              "--checkpointing_steps", "2"), processes=2, ds_config="zero2.json",
-                   check=False)
-    assert first.returncode == 0, first.stderr[-4000:]
-    again = launch("recipes/glue.py", [*common(glue_dir, tiny_bert, out, "--max_train_steps", "4"),
-                                       "--resume_from_checkpoint", "latest"], processes=1, ds_config="zero2.json",
-                   check=False)
-    assert again.returncode == 2, again.stderr[-4000:]
-    errors = [x for x in again.stderr.splitlines() if x.startswith("error: ")]
-    assert len(errors) == 1 and "written by 2 processes under DeepSpeed ZeRO, resumed by 1" in errors[0]
-    assert "model: " not in again.stderr  # stopped before loading the model
-    # the way out the message gives: the weights, gathered from the shards by DeepSpeed's own script
-    fp32 = subprocess.run([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(out / "checkpoints" /
-                           "step_00000002"), str(tmp_path / "fp32"), "--tag", "pytorch_model"],
-                          capture_output=True, text=True, timeout=300)
-    assert fp32.returncode == 0 and any((tmp_path / "fp32").iterdir()), fp32.stderr[-3000:]
+    from adaptopt.zero_resume import consolidate
+
+    model = _no_dropout(tiny_bert, tmp_path)
+
+    def run(out, processes, *extra):
+        proc = launch("recipes/glue.py", common(glue_dir, model, out, "--max_train_steps", "6", "--keep_checkpoints",
+                                                "3", "--save_model", *extra), processes=processes, ds_config=ds_config,
+                      check=False)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    run(tmp_path / "two", 2, "--checkpointing_steps", "3")
+    checkpoint = tmp_path / "two" / "checkpoints" / "step_00000003"
+    one = run(tmp_path / "one", 1, "--gradient_accumulation_steps", "2", "--checkpointing_steps", "6",
+              "--resume_from_checkpoint", str(checkpoint))
+    assert "checkpoint written by 2 processes, resumed by 1: each skips 6 batches of epoch 0" in one.stderr
+    assert ("ZeRO optimizer state of 2 processes, resharded for 1" in one.stderr) == (ds_config == "zero2.json")
+    a = json.loads((tmp_path / "two" / "results.json").read_text())
+    b = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert b["num_processes"] == 1 and b["completed_steps"] == 6 and b["resumed_from"] == str(checkpoint)
+    for key in ("accuracy", "f1", "train_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    wa, wb = (load_file(out / "model" / "model.safetensors") for out in (tmp_path / "two", tmp_path / "one"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
+
+    def close(x, y):  # the gradient all-reduce and the accumulation add in another order: equal to float rounding
+        return torch.allclose(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-7)
+
+    saved = [out / "checkpoints" / "step_00000006" / "pytorch_model" for out in (tmp_path / "two", tmp_path / "one")]
+    if ds_config == "zero2.json":  # per parameter name: the fp32 weights and every state tensor, x0 included
+        sa, sb = (consolidate(folder) for folder in saved)
+        assert (sa.written_by, sb.written_by) == (2, 1)
+        for i in range(len(sa.fp32)):
+            assert set(sa.tensors[i]) == set(sb.tensors[i]) == {"exp_avg", "exp_avg_sq", "x0"}
+            for named_a, named_b in [(sa.fp32[i], sb.fp32[i]), *((sa.tensors[i][k], sb.tensors[i][k])
+                                                                  for k in sa.tensors[i])]:
+                assert named_a.keys() == named_b.keys() and all(close(named_a[n], named_b[n]) for n in named_a)
+            assert all(close(sa.scalars[i][k], sb.scalars[i][k]) for k in ("step", "beta1_prod"))
+        client_a, client_b = sa.client, sb.client
+    else:  # ZeRO-0: the client optimizer's state_dict, whole, beside the model
+        client_a, client_b = (torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]
+                              for folder in saved)
+        assert client_a["state"].keys() == client_b["state"].keys() and "x0" in client_a["state"][0]
+        assert all(close(v, client_b["state"][i][k]) for i in client_a["state"] for k, v in client_a["state"][i].items())
+    for ga, gb in zip(client_a["param_groups"], client_b["param_groups"]):
+        assert ga["index"] == gb["index"] and ga["pending_step"] == gb["pending_step"]
+        assert all(close(ga[key], gb[key]) for key in ("lr_scale", "path_cos", "pending_stats"))
+    assert client_a["grad_clipper"] == client_b["grad_clipper"]
+    assert all(close(client_a["lr_tuner"][key], client_b["lr_tuner"][key]) for key in ("s", "m", "v", "r", "pending"))
