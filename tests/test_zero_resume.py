@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from conftest import REPO, _free_port
+from test_deepspeed import NO_FP16
 
 from adaptopt.zero_resume import consolidate
 
 pytestmark = pytest.mark.slow  # three torchrun launches
 
-CASES = ("zero1.json-fp32", "zero2.json-fp32", "zero2_offload.json-fp32", "zero2.json-bf16")  # the worker's
+CASES = ["zero1.json-fp32", "zero2.json-fp32", "zero2_offload.json-fp32", "zero2.json-bf16",  # the worker's
+         pytest.param("zero2.json-fp16", marks=pytest.mark.skipif(bool(NO_FP16), reason=str(NO_FP16)))]
 
 
 def _torchrun(processes: int, *args) -> None:
@@ -54,6 +56,10 @@ def _assert_same_state(a, b):
     assert groups_a == groups_b and all(g["pending_stats"] is not None for g in groups_a)
     assert a.client == b.client and a.client["lr_tuner"]["pending"] is not None
     assert len(a.client["grad_clipper"]["warmup_norms"]) > 0  # the engine's adaptive clipper had recorded norms
+    # DeepSpeed's own state: the loss scale (fp16's moves), the clip value
+    for key in ("dynamic_loss_scale", "clip_grad"):
+        assert a.engine[key] == b.engine[key], key
+    assert vars(a.engine["loss_scaler"]) == vars(b.engine["loss_scaler"])
 
 
 @pytest.mark.parametrize("case", CASES)
