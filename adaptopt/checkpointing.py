@@ -14,10 +14,10 @@ wrote it) so a resumed run continues at the same data position.
 
 Another number of processes: a checkpoint of N processes resumes with M, after the same examples consumed
 (:func:`resume_position`). Under DDP (or one process) and DeepSpeed ZeRO-0 fp32/fp16 the model and optimizer
-state are whole in the checkpoint. DeepSpeed ZeRO-1/2 writes each rank's shard of the optimizer state, which
+state are whole in the checkpoint. DeepSpeed ZeRO-1/2/3 writes each rank's shard of the optimizer state, which
 DeepSpeed loads only at the world size that wrote it: adaptopt/zero_resume.py joins the shards and gives each new
-rank its partition. The layouts that cannot be carried over (ZeRO-3, ZeRO-0 bf16) stop before the model loads
-(:func:`check_resume_world`), saying what to do.
+rank its partition. What cannot be carried over (ZeRO-3 onto more processes, ZeRO-0 bf16) stops before the model
+loads (:func:`check_resume_world`), saying what to do.
 """
 from __future__ import annotations
 
@@ -253,19 +253,21 @@ def check_resume_world(checkpoint: Path, processes: int, deepspeed: bool) -> Non
             f"--resume_from_checkpoint {checkpoint}: written without DeepSpeed, but this run uses DeepSpeed. Resume "
             "it with the launch config that wrote it (DDP or one process).")
     if deepspeed and shards and written_by and written_by != processes:
-        # ZeRO-1/2 shards are resharded at load (adaptopt/zero_resume.py); the other layouts are not
+        # ZeRO-1/2/3 shards are resharded at load (adaptopt/zero_resume.py), ZeRO-3 only onto fewer processes: each
+        # rank loads its own model-state file, which a rank beyond the writers lacks
         from .zero_resume import zero_layout
 
         stage, bf16 = zero_layout(checkpoint / "pytorch_model")
-        if stage not in (1, 2):
-            layout = f"ZeRO-{stage}" + (" bf16 (DeepSpeed's BF16_Optimizer)" if stage == 0 else "")
+        if stage == 0 or (stage == 3 and processes > written_by):
+            layout = "ZeRO-3" if stage == 3 else "ZeRO-0 bf16 (DeepSpeed's BF16_Optimizer)"
             raise ResumeWorldError(
                 f"--resume_from_checkpoint {checkpoint}: written by {written_by} processes under DeepSpeed {layout}, "
-                f"resumed by {processes}. Only ZeRO-1/2 checkpoints (and ZeRO-0 fp32/fp16 ones, which hold one whole "
-                f"optimizer state) resume at another number of processes. Resume with --num_processes {written_by} "
-                f"(the same total across machines), or start a new run from its weights (the optimizer state starts "
-                f"afresh): python -m deepspeed.utils.zero_to_fp32 {checkpoint} <folder> --tag pytorch_model, then "
-                "--model_name_or_path with that folder and the model's config.")
+                f"resumed by {processes}. ZeRO-1/2 checkpoints resume at any number of processes, ZeRO-3 ones with "
+                f"fewer, ZeRO-0 fp32/fp16 ones (one whole optimizer state) at any. Resume with --num_processes "
+                f"{written_by} (the same total across machines){' or fewer' if stage == 3 else ''}, or start a new "
+                f"run from its weights (the optimizer state starts afresh): python -m deepspeed.utils.zero_to_fp32 "
+                f"{checkpoint} <folder> --tag pytorch_model, then --model_name_or_path with that folder and the "
+                "model's config.")
     if written_by:
         resume_position(progress, processes)  # raises when the data position does not convert
 

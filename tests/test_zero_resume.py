@@ -1,4 +1,4 @@
-"""adaptopt/zero_resume.py: a DeepSpeed ZeRO-1/2 checkpoint of N processes loaded by M carries the whole state.
+"""adaptopt/zero_resume.py: a DeepSpeed ZeRO-1/2/3 checkpoint of N processes loaded by M carries the whole state.
 
 Real DeepSpeed engines on CPU (gloo) through torchrun (tests/zero_resume_worker.py): checkpoints of 1 and 2
 processes, each loaded at the other world size and saved again at once. Joined from their shards, the saved
@@ -21,7 +21,8 @@ from adaptopt.zero_resume import consolidate
 pytestmark = pytest.mark.slow  # three torchrun launches
 
 CASES = ["zero1.json-fp32", "zero2.json-fp32", "zero2_offload.json-fp32", "zero2.json-bf16",  # the worker's
-         pytest.param("zero2.json-fp16", marks=pytest.mark.skipif(bool(NO_FP16), reason=str(NO_FP16)))]
+         pytest.param("zero2.json-fp16", marks=pytest.mark.skipif(bool(NO_FP16), reason=str(NO_FP16))),
+         "zero3.json-fp32", "zero3_offload.json-fp32", "zero3.json-bf16"]
 
 
 def _torchrun(processes: int, *args) -> None:
@@ -56,9 +57,10 @@ def _assert_same_state(a, b):
     assert groups_a == groups_b and all(g["pending_stats"] is not None for g in groups_a)
     assert a.client == b.client and a.client["lr_tuner"]["pending"] is not None
     assert len(a.client["grad_clipper"]["warmup_norms"]) > 0  # the engine's adaptive clipper had recorded norms
-    # DeepSpeed's own state: the loss scale (fp16's moves), the clip value
-    for key in ("dynamic_loss_scale", "clip_grad"):
-        assert a.engine[key] == b.engine[key], key
+    # DeepSpeed's own state: the loss scale (fp16's moves), the clip value (ZeRO-1/2 keep it)
+    assert a.engine.keys() == b.engine.keys()
+    for key in ("dynamic_loss_scale", "clip_grad", "overflow"):
+        assert a.engine.get(key) == b.engine.get(key), key
     assert vars(a.engine["loss_scaler"]) == vars(b.engine["loss_scaler"])
 
 
@@ -66,6 +68,8 @@ def _assert_same_state(a, b):
 @pytest.mark.parametrize("source, resharded, written_by", [("two", "two_to_one", 2), ("one", "one_to_two", 1)])
 def test_a_checkpoint_loaded_at_another_world_size_holds_the_whole_state(checkpoints, case, source, resharded,
                                                                          written_by):
+    if case.startswith("zero3") and resharded == "one_to_two":
+        pytest.skip("ZeRO-3 resumes only with fewer processes (adaptopt/checkpointing.py refuses more)")
     a = consolidate(checkpoints / source / case / "pytorch_model")
     b = consolidate(checkpoints / resharded / case / "pytorch_model")
     assert (a.written_by, b.written_by) == (written_by, 3 - written_by)
