@@ -51,7 +51,8 @@ _SHARD = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 def optimizer_shards(folder: Path) -> list[Path]:
     """The ZeRO optimizer shard files of a DeepSpeed checkpoint folder (``<checkpoint>/pytorch_model``), by rank."""
-    found = [(int(m.group(2)), p) for p in folder.glob("*zero_pp_rank_*_optim_states.pt") if (m := _SHARD.match(p.name))]
+    found = [(int(m.group(2)), p) for p in folder.glob("*zero_pp_rank_*_optim_states.pt")
+             if (m := _SHARD.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -169,7 +170,8 @@ def load_resharded(engine, whole: WholeState) -> None:
     stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
     if (whole.stage == 3) != stage3 or not (stage3 or hasattr(zero, "single_partition_of_fp32_groups")):
         raise ValueError(f"the checkpoint holds a ZeRO-{'3' if whole.stage == 3 else '1/2'} optimizer state, but this "
-                         f"run's DeepSpeed optimizer is {type(zero).__name__}: resume with the ZeRO stage that wrote it")
+                         f"run's DeepSpeed optimizer is {type(zero).__name__}: resume with the ZeRO stage that "
+                         "wrote it")
     if len(zero.optimizer.param_groups) != len(whole.fp32):
         raise ValueError(f"the checkpoint has {len(whole.fp32)} param groups, this run's optimizer "
                          f"{len(zero.optimizer.param_groups)}: resume with the flags that wrote it")

@@ -157,9 +157,10 @@ def _checkpoint(tmp_path, name, shards=0, stage=2, bf16=False, **progress):
     folder = tmp_path / name
     (folder / "pytorch_model").mkdir(parents=True)
     config = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
+    prefix = "bf16_" if bf16 else ""
     for rank in range(shards):
-        torch.save({"ds_config": config},
-                   folder / "pytorch_model" / f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        shard = folder / "pytorch_model" / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        torch.save({"ds_config": config}, shard)
     (folder / "progress.json").write_text(json.dumps(dict(completed_steps=3, epoch=0, **progress)))
     return folder
 
@@ -279,8 +280,8 @@ def test_a_ddp_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result
 def test_a_deepspeed_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result(ds_config, glue_dir, tiny_bert,
                                                                                       tmp_path):
     """As the DDP case above, under DeepSpeed: ZeRO-2's and ZeRO-3's optimizer shards of 2 processes are joined and
-    resharded for one (adaptopt/zero_resume.py); ZeRO-0's optimizer state is whole. The resumed run ends with the 2 processes'
-    model, optimizer state and train loss, and its own checkpoint at update 6 holds the same state."""
+    resharded for one (adaptopt/zero_resume.py); ZeRO-0's optimizer state is whole. The resumed run ends with the 2
+    processes' model, optimizer state and train loss, and its own checkpoint at update 6 holds the same state."""
     from safetensors.torch import load_file
 
     from conftest import launch
@@ -329,7 +330,8 @@ def test_a_deepspeed_run_of_two_processes_resumes_with_one_to_the_uninterrupted_
         client_a, client_b = (torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]
                               for folder in saved)
         assert client_a["state"].keys() == client_b["state"].keys() and "x0" in client_a["state"][0]
-        assert all(close(v, client_b["state"][i][k]) for i in client_a["state"] for k, v in client_a["state"][i].items())
+        assert all(close(v, client_b["state"][i][k])
+                   for i in client_a["state"] for k, v in client_a["state"][i].items())
     for ga, gb in zip(client_a["param_groups"], client_b["param_groups"]):
         assert ga["index"] == gb["index"] and ga["pending_step"] == gb["pending_step"]
         assert all(close(ga[key], gb[key]) for key in ("lr_scale", "path_cos", "pending_stats"))
