@@ -280,7 +280,7 @@ class RecipeRun:
                     f"batch {self.batches_done}")
 
     def _load_resharded(self, checkpoint: Path, written_by: int) -> None:
-        """A ZeRO-1/2 checkpoint of another number of processes: the model through DeepSpeed, the optimizer state
+        """A ZeRO checkpoint of another number of processes: the model through DeepSpeed, the optimizer state
         joined from every shard and cut into this run's partitions (adaptopt/zero_resume.py)."""
         from .zero_resume import consolidate, load_resharded
 
