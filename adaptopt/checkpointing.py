@@ -12,11 +12,12 @@ the cause, the folder, the free and the needed space, and the checkpoint a resum
 was (optimizer updates done, epoch, batches consumed in that epoch, and the number of processes that
 wrote it) so a resumed run continues at the same data position.
 
-Another number of processes: under DDP (or one process) the model and optimizer state are whole in every
-process's copy, so a checkpoint of N processes resumes with M: the data position is converted to the
-same examples consumed (:func:`resume_position`). DeepSpeed ZeRO writes each rank's shard of the optimizer
-state, which DeepSpeed loads only at the world size that wrote it: :func:`check_resume_world` stops such a
-resume before training and says what to do.
+Another number of processes: a checkpoint of N processes resumes with M, after the same examples consumed
+(:func:`resume_position`). Under DDP (or one process) and DeepSpeed ZeRO-0 fp32/fp16 the model and optimizer
+state are whole in the checkpoint. DeepSpeed ZeRO-1/2/3 writes each rank's shard of the optimizer state, which
+DeepSpeed loads only at the world size that wrote it: adaptopt/zero_resume.py joins the shards and gives each new
+rank its partition. What cannot be carried over (ZeRO-3 onto more processes, ZeRO-0 bf16) stops before the model
+loads (:func:`check_resume_world`), saying what to do.
 """
 from __future__ import annotations
 
@@ -251,17 +252,23 @@ def check_resume_world(checkpoint: Path, processes: int, deepspeed: bool) -> Non
         raise ResumeWorldError(
             f"--resume_from_checkpoint {checkpoint}: written without DeepSpeed, but this run uses DeepSpeed. Resume "
             "it with the launch config that wrote it (DDP or one process).")
-    if deepspeed and written_by and written_by != processes:
-        raise ResumeWorldError(
-            f"--resume_from_checkpoint {checkpoint}: written by {written_by} processes under DeepSpeed ZeRO, resumed "
-            f"by {processes}. " + ("ZeRO saves each rank's shard of the optimizer state and loads it only at the world "
-                                   "size that wrote it (AdaptOpt's pending sums in it are per-rank partial sums). "
-                                   if shards else "A ZeRO-0 resume at another world size is not supported. ") +
-            f"Resume with "
-            f"--num_processes {written_by} (the same total across machines), or start a new run from its weights "
-            f"(the optimizer state starts afresh): python -m deepspeed.utils.zero_to_fp32 {checkpoint} <folder> "
-            "--tag pytorch_model, then --model_name_or_path with that folder and the model's config.")
-    if written_by and not deepspeed:
+    if deepspeed and shards and written_by and written_by != processes:
+        # ZeRO-1/2/3 shards are resharded at load (adaptopt/zero_resume.py), ZeRO-3 only onto fewer processes: each
+        # rank loads its own model-state file, which a rank beyond the writers lacks
+        from .zero_resume import zero_layout
+
+        stage, bf16 = zero_layout(checkpoint / "pytorch_model")
+        if stage == 0 or (stage == 3 and processes > written_by):
+            layout = "ZeRO-3" if stage == 3 else "ZeRO-0 bf16 (DeepSpeed's BF16_Optimizer)"
+            raise ResumeWorldError(
+                f"--resume_from_checkpoint {checkpoint}: written by {written_by} processes under DeepSpeed {layout}, "
+                f"resumed by {processes}. ZeRO-1/2 checkpoints resume at any number of processes, ZeRO-3 ones with "
+                f"fewer, ZeRO-0 fp32/fp16 ones (one whole optimizer state) at any. Resume with --num_processes "
+                f"{written_by} (the same total across machines){' or fewer' if stage == 3 else ''}, or start a new "
+                f"run from its weights (the optimizer state starts afresh): python -m deepspeed.utils.zero_to_fp32 "
+                f"{checkpoint} <folder> --tag pytorch_model, then --model_name_or_path with that folder and the "
+                "model's config.")
+    if written_by:
         resume_position(progress, processes)  # raises when the data position does not convert
 
 

@@ -209,8 +209,9 @@ def attach_state(optimizer: torch.optim.Optimizer, owner, key: str = "grad_clipp
         return state_dict
 
     def load(opt, state_dict):
-        state_dict = dict(state_dict)
-        saved = state_dict.pop(key, None)
+        # read, not popped: under DeepSpeed the engine's clipper is attached under the key of AdaptOpt's own (which
+        # is off there); the one attached last saved it, and every owner must see it (torch ignores extra keys)
+        saved = state_dict.get(key)
         if saved is not None:
             owner.load_state_dict(saved)
         return state_dict

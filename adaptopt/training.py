@@ -48,6 +48,7 @@ from .models import ModelNotFoundError
 from .optim import AdaptOpt
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
 from .registry import SCHEDULE_FREE, run_hyperparameters
+from .zero_resume import optimizer_shards
 
 logger = get_logger(__name__)
 
@@ -262,16 +263,18 @@ class RecipeRun:
         self.checkpoint = checkpoint
         if checkpoint is None:
             return
-        self.accelerator.load_state(str(checkpoint))
+        progress = load_progress(checkpoint)
+        written_by = progress.get("num_processes", self.accelerator.num_processes)
+        shards = checkpoint / "pytorch_model"
+        if self.ds_run is not None and written_by != self.accelerator.num_processes and optimizer_shards(shards):
+            self._load_resharded(checkpoint, written_by)
+        else:
+            self.accelerator.load_state(str(checkpoint))
         if self.ds_run is not None:
             self.ds_run.after_load()
-        progress = load_progress(checkpoint)
-        # Under DDP another number of processes continues after the same examples (adaptopt/checkpointing.py);
-        # DeepSpeed resumes only at the world size that wrote the checkpoint (checked before start-up)
-        batches = (progress["batches_in_epoch"] if self.ds_run is not None
-                   else resume_position(progress, self.accelerator.num_processes))
+        # Another number of processes continues after the same examples (adaptopt/checkpointing.py)
+        batches = resume_position(progress, self.accelerator.num_processes)
         self.completed_steps, self.start_epoch, self.batches_done = progress["completed_steps"], progress["epoch"], batches
-        written_by = progress.get("num_processes", self.accelerator.num_processes)
         if written_by != self.accelerator.num_processes:
             # accelerate's micro-batch count in the epoch, which places the accumulation boundaries, was restored as
             # the writing processes counted (and not at all on a process beyond them)
@@ -283,6 +286,19 @@ class RecipeRun:
         self.losses.start_epoch(restored=(progress.get("epoch_loss_sum", 0.0), progress.get("epoch_loss_count", 0)))
         logger.info(f"resumed from {checkpoint}: update {self.completed_steps}, epoch {self.start_epoch}, "
                     f"batch {self.batches_done}")
+
+    def _load_resharded(self, checkpoint: Path, written_by: int) -> None:
+        """A ZeRO checkpoint of another number of processes: the model through DeepSpeed, the optimizer state
+        joined from every shard and cut into this run's partitions (adaptopt/zero_resume.py)."""
+        from .zero_resume import consolidate, load_resharded
+
+        acc = self.accelerator
+        logger.info(f"{checkpoint}: ZeRO optimizer state of {written_by} processes, resharded for "
+                    f"{acc.num_processes} (every rank reads all {written_by} shards)")
+        whole = consolidate(checkpoint / "pytorch_model", progress=lambda shards: tqdm(
+            shards, desc="reading ZeRO shards", disable=not acc.is_local_main_process))
+        acc.load_state(str(checkpoint), load_optimizer_states=False)  # the model, schedule, RNG, sampler
+        load_resharded(self.ds_run.engine, whole)
 
     # -- training -------------------------------------------------------------------------------------
     def fit(self, evaluate: Callable[[], dict], primary_metric: str | None = None,

@@ -151,11 +151,16 @@ def test_the_recipe_on_a_full_disk_exits_74_with_one_message_and_its_previous_ch
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
-def _checkpoint(tmp_path, name, shards=0, **progress):
+def _checkpoint(tmp_path, name, shards=0, stage=2, bf16=False, **progress):
+    """A checkpoint folder as far as check_resume_world reads it: progress.json and ZeRO shard files that hold only
+    the config DeepSpeed saves with them."""
     folder = tmp_path / name
     (folder / "pytorch_model").mkdir(parents=True)
+    config = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
+    prefix = "bf16_" if bf16 else ""
     for rank in range(shards):
-        (folder / "pytorch_model" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+        shard = folder / "pytorch_model" / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        torch.save({"ds_config": config}, shard)
     (folder / "progress.json").write_text(json.dumps(dict(completed_steps=3, epoch=0, **progress)))
     return folder
 
@@ -176,24 +181,48 @@ def test_a_ddp_checkpoint_resumes_at_another_world_size_after_the_same_examples(
         check_resume_world(ddp, 4, deepspeed=False)
 
 
-def test_a_zero_checkpoint_at_another_world_size_stops_with_what_to_do(tmp_path):
+def test_a_zero_checkpoint_at_another_world_size_resumes_where_its_layout_allows(tmp_path):
     from adaptopt.checkpointing import ResumeWorldError, check_resume_world
 
-    zero = _checkpoint(tmp_path, "zero", shards=2, batches_in_epoch=3, num_processes=2)
-    check_resume_world(zero, 2, deepspeed=True)
-    with pytest.raises(ResumeWorldError, match=r"written by 2 processes under DeepSpeed ZeRO, resumed by 1\. .*"
-                                               r"Resume with --num_processes 2 .*deepspeed\.utils\.zero_to_fp32"):
+    for stage, bf16 in ((1, False), (2, False), (2, True)):  # resharded at load (adaptopt/zero_resume.py)
+        zero = _checkpoint(tmp_path, f"zero{stage}{bf16}", shards=2, stage=stage, bf16=bf16, batches_in_epoch=3,
+                           num_processes=2)
+        check_resume_world(zero, 2, deepspeed=True)
         check_resume_world(zero, 1, deepspeed=True)
+        check_resume_world(zero, 3, deepspeed=True)  # 6 batches consumed: 2 each
+        with pytest.raises(ResumeWorldError, match="cannot split evenly"):
+            check_resume_world(zero, 4, deepspeed=True)
+    zero3 = _checkpoint(tmp_path, "zero3", shards=2, stage=3, batches_in_epoch=3, num_processes=2)
+    check_resume_world(zero3, 2, deepspeed=True)
+    check_resume_world(zero3, 1, deepspeed=True)  # onto fewer processes: resharded
+    with pytest.raises(ResumeWorldError, match=r"written by 2 processes under DeepSpeed ZeRO-3, resumed by 3\. .*"
+                                               r"Resume with --num_processes 2 .* or fewer, .*"
+                                               r"deepspeed\.utils\.zero_to_fp32"):
+        check_resume_world(zero3, 3, deepspeed=True)
+    zero0_bf16 = _checkpoint(tmp_path, "zero0bf16", shards=2, stage=0, bf16=True, batches_in_epoch=3, num_processes=2)
+    with pytest.raises(ResumeWorldError, match=r"under DeepSpeed ZeRO-0 bf16 \(DeepSpeed's BF16_Optimizer\)"):
+        check_resume_world(zero0_bf16, 1, deepspeed=True)
+    zero = _checkpoint(tmp_path, "zero", shards=2, batches_in_epoch=3, num_processes=2)
     with pytest.raises(ResumeWorldError, match="this run does not use DeepSpeed"):
         check_resume_world(zero, 2, deepspeed=False)
-    zero0 = _checkpoint(tmp_path, "zero0", batches_in_epoch=3, num_processes=2)  # no shards: one full state
+    zero0 = _checkpoint(tmp_path, "zero0", batches_in_epoch=3, num_processes=2)  # no shards: one whole state
     check_resume_world(zero0, 2, deepspeed=True)
-    with pytest.raises(ResumeWorldError, match="A ZeRO-0 resume at another world size is not supported"):
-        check_resume_world(zero0, 1, deepspeed=True)
+    check_resume_world(zero0, 1, deepspeed=True)
     ddp = _checkpoint(tmp_path, "ddp", batches_in_epoch=3, num_processes=2)
     (ddp / "optimizer.bin").write_bytes(b"")
     with pytest.raises(ResumeWorldError, match="written without DeepSpeed, but this run uses DeepSpeed"):
         check_resume_world(ddp, 2, deepspeed=True)
+
+
+def _no_dropout(tiny_bert, tmp_path):
+    """The tiny BERT without dropout: each process draws its own masks, which no resume carries over to another
+    world size."""
+    model = tmp_path / "no-dropout"
+    shutil.copytree(tiny_bert, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    return model
 
 
 @pytest.mark.slow
@@ -206,11 +235,7 @@ def test_a_ddp_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result
 
     from conftest import launch
 
-    model = tmp_path / "no-dropout"
-    shutil.copytree(tiny_bert, model)
-    config = json.loads((model / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    (model / "config.json").write_text(json.dumps(config))
+    model = _no_dropout(tiny_bert, tmp_path)
 
     def run(out, processes, *extra):
         proc = launch("recipes/glue.py", common(glue_dir, model, out, "--max_train_steps", "6", "--keep_checkpoints",
@@ -251,23 +276,64 @@ def test_a_ddp_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result
 
 
 @pytest.mark.slow
-def test_a_zero2_run_of_two_processes_resumed_by_one_stops_before_training(glue_dir, tiny_bert, tmp_path):
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json", "zero0.json"])
+def test_a_deepspeed_run_of_two_processes_resumes_with_one_to_the_uninterrupted_result(ds_config, glue_dir, tiny_bert,
+                                                                                      tmp_path):
+    """As the DDP case above, under DeepSpeed: ZeRO-2's and ZeRO-3's optimizer shards of 2 processes are joined and
+    resharded for one (adaptopt/zero_resume.py); ZeRO-0's optimizer state is whole. The resumed run ends with the 2
+    processes' model, optimizer state and train loss, and its own checkpoint at update 6 holds the same state."""
+    from safetensors.torch import load_file
+
     from conftest import launch
 
-    out = tmp_path / "zero2"
-    first = launch("recipes/glue.py", common(glue_dir, tiny_bert, out, "--max_train_steps", "2",
-                                              "--checkpointing_steps", "2"), processes=2, ds_config="zero2.json",
-                   check=False)
-    assert first.returncode == 0, first.stderr[-4000:]
-    again = launch("recipes/glue.py", [*common(glue_dir, tiny_bert, out, "--max_train_steps", "4"),
-                                       "--resume_from_checkpoint", "latest"], processes=1, ds_config="zero2.json",
-                   check=False)
-    assert again.returncode == 2, again.stderr[-4000:]
-    errors = [x for x in again.stderr.splitlines() if x.startswith("error: ")]
-    assert len(errors) == 1 and "written by 2 processes under DeepSpeed ZeRO, resumed by 1" in errors[0]
-    assert "model: " not in again.stderr  # stopped before loading the model
-    # the way out the message gives: the weights, gathered from the shards by DeepSpeed's own script
-    fp32 = subprocess.run([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(out / "checkpoints" /
-                           "step_00000002"), str(tmp_path / "fp32"), "--tag", "pytorch_model"],
-                          capture_output=True, text=True, timeout=300)
-    assert fp32.returncode == 0 and any((tmp_path / "fp32").iterdir()), fp32.stderr[-3000:]
+    from adaptopt.zero_resume import consolidate
+
+    model = _no_dropout(tiny_bert, tmp_path)
+
+    def run(out, processes, *extra):
+        proc = launch("recipes/glue.py", common(glue_dir, model, out, "--max_train_steps", "6", "--keep_checkpoints",
+                                                "3", "--save_model", *extra), processes=processes, ds_config=ds_config,
+                      check=False)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    run(tmp_path / "two", 2, "--checkpointing_steps", "3")
+    checkpoint = tmp_path / "two" / "checkpoints" / "step_00000003"
+    one = run(tmp_path / "one", 1, "--gradient_accumulation_steps", "2", "--checkpointing_steps", "6",
+              "--resume_from_checkpoint", str(checkpoint))
+    assert "checkpoint written by 2 processes, resumed by 1: each skips 6 batches of epoch 0" in one.stderr
+    assert ("ZeRO optimizer state of 2 processes, resharded for 1" in one.stderr) == (ds_config != "zero0.json")
+    a = json.loads((tmp_path / "two" / "results.json").read_text())
+    b = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert b["num_processes"] == 1 and b["completed_steps"] == 6 and b["resumed_from"] == str(checkpoint)
+    for key in ("accuracy", "f1", "train_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    wa, wb = (load_file(out / "model" / "model.safetensors") for out in (tmp_path / "two", tmp_path / "one"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
+
+    def close(x, y):  # the gradient all-reduce and the accumulation add in another order: equal to float rounding
+        return torch.allclose(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-7)
+
+    saved = [out / "checkpoints" / "step_00000006" / "pytorch_model" for out in (tmp_path / "two", tmp_path / "one")]
+    if ds_config != "zero0.json":  # per parameter name: the fp32 weights and every state tensor, x0 included
+        sa, sb = (consolidate(folder) for folder in saved)
+        assert (sa.written_by, sb.written_by) == (2, 1)
+        for i in range(len(sa.fp32)):
+            assert set(sa.tensors[i]) == set(sb.tensors[i]) == {"exp_avg", "exp_avg_sq", "x0"}
+            for named_a, named_b in [(sa.fp32[i], sb.fp32[i]), *((sa.tensors[i][k], sb.tensors[i][k])
+                                                                  for k in sa.tensors[i])]:
+                assert named_a.keys() == named_b.keys() and all(close(named_a[n], named_b[n]) for n in named_a)
+            assert all(close(sa.scalars[i][k], sb.scalars[i][k]) for k in ("step", "beta1_prod"))
+        client_a, client_b = sa.client, sb.client
+    else:  # ZeRO-0: the client optimizer's state_dict, whole, beside the model
+        client_a, client_b = (torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]
+                              for folder in saved)
+        assert client_a["state"].keys() == client_b["state"].keys() and "x0" in client_a["state"][0]
+        assert all(close(v, client_b["state"][i][k])
+                   for i in client_a["state"] for k, v in client_a["state"][i].items())
+    for ga, gb in zip(client_a["param_groups"], client_b["param_groups"]):
+        assert ga["index"] == gb["index"] and ga["pending_step"] == gb["pending_step"]
+        assert all(close(ga[key], gb[key]) for key in ("lr_scale", "path_cos", "pending_stats"))
+    assert client_a["grad_clipper"] == client_b["grad_clipper"]
+    assert all(close(client_a["lr_tuner"][key], client_b["lr_tuner"][key]) for key in ("s", "m", "v", "r", "pending"))

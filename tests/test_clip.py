@@ -87,6 +87,31 @@ def test_attached_clipper_clips_a_baseline_and_checkpoints_its_state():
     assert opt2.grad_clipper.warmup_norms == [1.0]
 
 
+def test_the_engine_clipper_beside_adaptopts_own_is_restored_too():
+    """Under DeepSpeed the engine's clipper is attached under the key of AdaptOpt's own (off there): the one attached
+    last is saved, and a load gives the saved state to both (adaptopt/deepspeed_run.py, DeepSpeedRun.attach)."""
+    from adaptopt import AdaptOpt
+    from adaptopt.clip import attach_state
+
+    def build():
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = AdaptOpt([p], max_grad_norm=None)  # the optimizer does not clip: the engine does
+        engine_clipper = GradClipper(1.0, adaptive=True)
+        attach_state(opt, engine_clipper)
+        return p, opt, engine_clipper
+
+    p, opt, engine_clipper = build()
+    engine_clipper.factor_for_norm(3.0)
+    p.grad = torch.ones(2)
+    opt.step()
+    state = opt.state_dict()
+    assert state["grad_clipper"]["warmup_norms"] == [1.0]
+    _, opt2, engine_clipper2 = build()
+    opt2.load_state_dict(state)
+    assert engine_clipper2.warmup_norms == [1.0] and opt2.grad_clipper.warmup_norms == [1.0]
+    assert not opt2.grad_clipper.enabled
+
+
 def test_attached_clipper_accepts_an_explicit_none_closure():
     """accelerate's AcceleratedOptimizer calls optimizer.step(None): that is not a closure."""
     p = torch.nn.Parameter(torch.zeros(2))
