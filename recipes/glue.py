@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from adaptopt import cli  # noqa: E402
 from adaptopt.data.glue import GLUE_TASKS, GlueDataError, check_glue_source, load_glue  # noqa: E402
+from adaptopt.data.length_grouping import add_group_by_length_args, groups_by_length, training_order  # noqa: E402
 from adaptopt.models import load_kwargs, model_label, resolve_model  # noqa: E402
 from adaptopt.pooling import POOLINGS, PoolingError, apply_classifier_pooling  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
@@ -51,13 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N dev examples")
     g.add_argument("--max_length", type=int, default=128, help="tokens per example after truncation")
     g.add_argument("--pad_to_max_length", action="store_true", help="pad to --max_length instead of per batch")
-    g.add_argument("--group_by_length", dest="group_by_length", action="store_true", default=True,
-                   help="training batches of examples of similar length, in a seeded random order (transformers' "
-                        "LengthGroupedSampler, as the Trainer's group_by_length): less padding, faster steps. "
-                        "On by default")
-    g.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
-                   help="training batches drawn uniformly at random (HF Trainer's default; what the recipe did "
-                        "before --group_by_length, and what the studies in studies/ run)")
+    add_group_by_length_args(g, default=True)
     g = parser.add_argument_group("model")
     g.add_argument("--model_name_or_path", default=None,
                    help="AutoModelForSequenceClassification name or path (default: embedded all-MiniLM-L6-v2)")
@@ -114,17 +109,10 @@ def build_dataloaders(args, raw, tokenizer):
     else:  # dynamic padding; multiples of 8 let tensor cores work under fp16/bf16
         collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.mixed_precision != "no" else None)
     train_set = tokenized["train"].remove_columns("idx")
-    if args.group_by_length and not args.pad_to_max_length:  # (padded to one length, grouping changes nothing)
-        from adaptopt.data.length_grouping import SeededLengthGroupedSampler
-
-        order = dict(sampler=SeededLengthGroupedSampler([len(ids) for ids in train_set["input_ids"]],
-                                                        args.per_device_train_batch_size, args.seed))
-    else:
-        order = dict(shuffle=True)
     # The loader's own generator: creating an iterator draws a seed from it, and drawing from the global
     # RNG instead would shift every later dropout mask of a resumed run (it restores the global RNG).
     train = DataLoader(train_set, collate_fn=collate, batch_size=args.per_device_train_batch_size,
-                       generator=torch.Generator().manual_seed(args.seed), **order)
+                       generator=torch.Generator().manual_seed(args.seed), **training_order(args, train_set))
     evals = {split: DataLoader(tokenized[split], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
              for split in task.validation_splits}
     return train, evals
@@ -190,7 +178,7 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
     run.resume(checkpoint)
     results = run.fit(run_eval, _primary_metric(task, eval_dls), preemption)
     summary = run.summary(results, task=args.task_name, model=model_label(args.model_name_or_path),
-                          group_by_length=args.group_by_length and not args.pad_to_max_length,
+                          group_by_length=groups_by_length(args),
                           eval_samples={s: len(dl.dataset) for s, dl in eval_dls.items()})
     return run.finish(summary, tokenizer)
 

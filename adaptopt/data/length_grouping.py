@@ -15,6 +15,8 @@ any number of DDP processes.
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -44,3 +46,29 @@ def padded_tokens_ratio(lengths: list[int], batches: list[list[int]]) -> float:
     padding). The measure grouping by length lowers."""
     padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
     return padded / sum(lengths[i] for batch in batches for i in batch)
+
+
+def add_group_by_length_args(group: argparse._ArgumentGroup, default: bool) -> None:
+    """--group_by_length / --no_group_by_length, ``default`` on or off (the recipe's --help says which)."""
+    state = "on" if default else "off"
+    group.add_argument("--group_by_length", dest="group_by_length", action="store_true", default=default,
+                       help="training batches of examples of similar length, in a seeded random order (transformers' "
+                            "LengthGroupedSampler, as the Trainer's group_by_length): less padding, faster steps. "
+                            f"Default: {state}")
+    group.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
+                       help="training batches drawn uniformly at random (HF Trainer's default, and what the studies "
+                            "in studies/ run)")
+
+
+def groups_by_length(args: argparse.Namespace) -> bool:
+    """Whether the run groups its batches: asked, and not padded to one length (where grouping changes nothing)."""
+    return args.group_by_length and not getattr(args, "pad_to_max_length", False)
+
+
+def training_order(args: argparse.Namespace, dataset) -> dict:
+    """The training DataLoader's order arguments: the seeded length-grouping sampler (lengths from the tokenized
+    ``input_ids``), or ``shuffle=True`` (which accelerate turns into its seedable sampler)."""
+    if not groups_by_length(args):
+        return dict(shuffle=True)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dict(sampler=SeededLengthGroupedSampler(lengths, args.per_device_train_batch_size, args.seed))
