@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from adaptopt import cli  # noqa: E402
 from adaptopt.data.glue import GLUE_TASKS, GlueDataError, check_glue_source, load_glue  # noqa: E402
+from adaptopt.data.length_grouping import add_group_by_length_args, groups_by_length, training_order  # noqa: E402
 from adaptopt.models import load_kwargs, model_label, resolve_model  # noqa: E402
 from adaptopt.pooling import POOLINGS, PoolingError, apply_classifier_pooling  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
@@ -51,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N dev examples")
     g.add_argument("--max_length", type=int, default=128, help="tokens per example after truncation")
     g.add_argument("--pad_to_max_length", action="store_true", help="pad to --max_length instead of per batch")
+    add_group_by_length_args(g, default=True)
     g = parser.add_argument_group("model")
     g.add_argument("--model_name_or_path", default=None,
                    help="AutoModelForSequenceClassification name or path (default: embedded all-MiniLM-L6-v2)")
@@ -106,11 +108,11 @@ def build_dataloaders(args, raw, tokenizer):
         collate = default_data_collator
     else:  # dynamic padding; multiples of 8 let tensor cores work under fp16/bf16
         collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.mixed_precision != "no" else None)
+    train_set = tokenized["train"].remove_columns("idx")
     # The loader's own generator: creating an iterator draws a seed from it, and drawing from the global
     # RNG instead would shift every later dropout mask of a resumed run (it restores the global RNG).
-    train = DataLoader(tokenized["train"].remove_columns("idx"), shuffle=True, collate_fn=collate,
-                       batch_size=args.per_device_train_batch_size,
-                       generator=torch.Generator().manual_seed(args.seed))
+    train = DataLoader(train_set, collate_fn=collate, batch_size=args.per_device_train_batch_size,
+                       generator=torch.Generator().manual_seed(args.seed), **training_order(args, train_set))
     evals = {split: DataLoader(tokenized[split], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
              for split in task.validation_splits}
     return train, evals
@@ -176,6 +178,7 @@ def train(args, raw, model_path: str, checkpoint: Path | None, preemption: Preem
     run.resume(checkpoint)
     results = run.fit(run_eval, _primary_metric(task, eval_dls), preemption)
     summary = run.summary(results, task=args.task_name, model=model_label(args.model_name_or_path),
+                          group_by_length=groups_by_length(args),
                           eval_samples={s: len(dl.dataset) for s, dl in eval_dls.items()})
     return run.finish(summary, tokenizer)
 

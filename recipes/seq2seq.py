@@ -44,6 +44,7 @@ from adaptopt import cli  # noqa: E402
 from adaptopt.data.glue import GLUE_TASKS, GlueDataError, check_glue_source, load_glue  # noqa: E402
 from adaptopt.data.text2text import (STSB_TARGETS, AnswerMap, Text2TextDataError, glue_as_text2text,  # noqa: E402
                                      load_pairs, round_trip)
+from adaptopt.data.length_grouping import add_group_by_length_args, groups_by_length, training_order  # noqa: E402
 from adaptopt.models import ModelNotFoundError, load_kwargs, model_label, resolve_model  # noqa: E402
 from adaptopt.preemption import PreemptionSignal  # noqa: E402
 from adaptopt.training import RecipeRun, check_run_inputs, run_main  # noqa: E402
@@ -71,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train on a random subsample of this many examples (seeded; evaluation stays whole)")
     g.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N examples")
     g.add_argument("--max_source_length", type=int, default=512, help="input tokens after truncation (T5's 512)")
+    add_group_by_length_args(g, default=False)  # off until a dev metric with grouping is checked for this recipe
     g.add_argument("--max_target_length", type=int, default=None,
                    help=f"pairs: target tokens after truncation (default {PAIRS_TARGET_LENGTH}); GLUE targets are "
                         "label names, never cut")
@@ -187,9 +189,9 @@ def build_dataloaders(args, raw, tokenizer, max_target: int):
     # labels padded with -100 (no loss); the model shifts them right into its decoder inputs itself
     collate = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8 if args.mixed_precision != "no" else None)
     # The loader's own generator keeps the global RNG (restored on resume) free for dropout: glue.py says why.
-    train = DataLoader(tokenized["train"].remove_columns("idx"), shuffle=True, collate_fn=collate,
-                       batch_size=args.per_device_train_batch_size,
-                       generator=torch.Generator().manual_seed(args.seed))
+    train_set = tokenized["train"].remove_columns("idx")  # grouped by source length (the encoder's share)
+    train = DataLoader(train_set, collate_fn=collate, batch_size=args.per_device_train_batch_size,
+                       generator=torch.Generator().manual_seed(args.seed), **training_order(args, train_set))
     # idx comes back with each generated answer: it proves coverage and finds the reference
     evals = {split: DataLoader(tokenized[split].remove_columns("labels"), collate_fn=collate,
                                batch_size=args.per_device_eval_batch_size) for split in eval_splits(args)}
@@ -293,7 +295,8 @@ def train(args, raw, tokenizer, answers: AnswerMap | None, model_path: str, chec
     results = run.fit(run_eval, primary if len(eval_dls) == 1 else f"{next(iter(eval_dls))}_{primary}", preemption)
     summary = run.summary(results, task=args.task_name or "text2text", model=model_label(args.model_name_or_path),
                           eval_samples={s: len(dl.dataset) for s, dl in eval_dls.items()},
-                          num_beams=args.num_beams, generation_max_length=generation["max_new_tokens"])
+                          num_beams=args.num_beams, generation_max_length=generation["max_new_tokens"],
+                          group_by_length=groups_by_length(args))
     return run.finish(summary, tokenizer)
 
 

@@ -32,6 +32,7 @@ def test_one_process_trains_evaluates_and_checkpoints(glue_dir, tiny_bert, tmp_p
     assert set(r) >= {"accuracy", "f1", "train_time_s", "train_samples_per_second", "peak_memory_mb"}
     assert 0.0 <= r["accuracy"] <= 1.0 and r["eval_samples"] == {"validation": 101}
     assert r["train_samples_per_second"] > 0 and r["peak_memory_mb"] > 0
+    assert r["group_by_length"] is True  # the default: the exact resume tests below run with grouped batches
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["step_00000012", "step_00000016"]  # keep_checkpoints=2 removed 4 and 8
     newest = out / "checkpoints" / "step_00000016"

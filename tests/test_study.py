@@ -264,7 +264,7 @@ def test_run_records_hold_no_machine_path_and_a_changed_default_refuses_the_run(
     """A run's identity is its arguments as the study file writes them (${GLUE_DIR} unexpanded) and the
     library defaults it ran with, wherever no flag set the value: the committed records of studies/glue.yaml
     count on a machine that keeps the data elsewhere, while a default changed since refuses a run."""
-    from adaptopt.study.runner import find_run, portable_command, read_run_info, same_run
+    from adaptopt.study.runner import RESTATED_DEFAULTS, find_run, portable_command, read_run_info, same_run
 
     monkeypatch.setenv("GLUE_DIR", "/somewhere/else/glue")
     study = load_study(REPO / "studies" / "glue.yaml", REPO / "studies" / "results" / "glue")
@@ -273,7 +273,9 @@ def test_run_records_hold_no_machine_path_and_a_changed_default_refuses_the_run(
     spec = next(s for s in specs if s.name == "mrpc-adaptopt-lr2e-05-seed1")
     assert spec.launch_args()[spec.launch_args().index("--data_dir") + 1] == "/somewhere/else/glue"
     info = read_run_info(find_run(study, spec))
-    assert "${GLUE_DIR}" in info["recipe_args"] and info["command"] == portable_command(study, spec, run_dir(study, spec))
+    # (the runs ran before the study file pinned --no_group_by_length, which restates what they did)
+    today = [a for a in portable_command(study, spec, run_dir(study, spec)) if a not in RESTATED_DEFAULTS]
+    assert "${GLUE_DIR}" in info["recipe_args"] and info["command"] == today
     assert not any(str(REPO) in a or "/work/" in a for a in info["command"])
     assert same_run(spec, info) is None
     # the run pinned --adaptive_lr hypergradient and --learning_rate: today's different defaults for those do not
@@ -282,6 +284,32 @@ def test_run_records_hold_no_machine_path_and_a_changed_default_refuses_the_run(
     changed = dict(info, optimizer_defaults=dict(info["optimizer_defaults"], momentum_rate=0.5))
     assert "momentum_rate changed since it ran" in same_run(spec, changed)
     assert "arguments differ" in same_run(spec, dict(info, recipe_args=info["recipe_args"][:-2]))
+
+
+def test_a_switch_restating_an_old_recipe_default_keeps_the_runs_from_before_it(monkeypatch):
+    """The study files pin --no_group_by_length (random batches, what the recipe did before grouping became its
+    default). Their committed runs, recorded without the switch and from before the recipe wrote group_by_length
+    into results.json, are those runs; a run recorded without it that grouped its batches is not."""
+    from adaptopt.study.runner import find_run, read_results, read_run_info, same_run
+
+    monkeypatch.setenv("GLUE_DIR", "/data/glue")
+    glue = load_study(REPO / "studies" / "glue.yaml", REPO / "studies" / "results" / "glue")
+    spec = next(s for s in glue.runs() if s.name == "sst2-adamw-lr5e-05-seed1")
+    assert "--no_group_by_length" in spec.recipe_args()
+    directory = find_run(glue, spec)
+    info, results = read_run_info(directory), read_results(directory)
+    assert "--no_group_by_length" not in info["recipe_args"] and "group_by_length" not in results
+    assert same_run(spec, info, results=results) is None
+    assert same_run(spec, info, results=dict(results, group_by_length=False)) is None
+    assert "arguments differ" in same_run(spec, info, results=dict(results, group_by_length=True))
+    # recorded with the switch (a run launched from today's study file): the same run by its arguments alone
+    assert same_run(spec, dict(info, recipe_args=spec.recipe_args()), results=dict(results, group_by_length=False)) is None
+    # the switch stands in only for itself: another missing argument still differs
+    assert "arguments differ" in same_run(spec, dict(info, recipe_args=info["recipe_args"][:-2]), results=results)
+    # lr_free.yaml reuses AdamW's SST-2 and MRPC runs of glue.yaml through the same rule
+    lr_free = load_study(REPO / "studies" / "lr_free.yaml", REPO / "studies" / "results" / "lr_free")
+    reused = next(s for s in lr_free.runs() if s.name == "sst2-adamw-lr5e-05-seed1")
+    assert find_run(lr_free, reused).resolve() == directory.resolve()
 
 
 def test_a_run_past_the_timeout_is_killed(tmp_path, monkeypatch):

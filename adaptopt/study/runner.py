@@ -37,6 +37,11 @@ from .config import REPO, RunSpec, Study, StudyConfigError
 from .files import write_atomically
 
 FINISHED, FAILED, PENDING = "finished", "failed", "pending"
+# Recipe switches that restate what the recipe did before the switch existed, where its default changed since:
+# switch -> (the results.json key under which the recipe records the setting, the setting before the switch). A
+# study file pins the old behaviour with the switch; a finished run whose arguments lack it and whose results.json
+# does not record the setting ran before it existed, so it ran as the switch says: the same run.
+RESTATED_DEFAULTS = {"--no_group_by_length": ("group_by_length", False)}
 ERROR_TAIL_LINES = 30
 _ERROR = re.compile(r"(^|\s|: )(error:|[A-Za-z_.]*(Error|Exception|Interrupt)\b)")
 
@@ -63,7 +68,8 @@ def find_run(study: Study, spec: RunSpec) -> Path:
         return own
     for other in study.reuse:
         candidate = other / "runs" / spec.name
-        if run_status(candidate) == FINISHED and same_run(spec, read_run_info(candidate)) is None:
+        if (run_status(candidate) == FINISHED
+                and same_run(spec, read_run_info(candidate), results=read_results(candidate)) is None):
             return candidate
     return own
 
@@ -71,6 +77,13 @@ def find_run(study: Study, spec: RunSpec) -> Path:
 def read_run_info(directory: Path) -> dict | None:
     try:
         return json.loads((directory / "run.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def read_results(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / "results.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -112,20 +125,34 @@ def optimizer_defaults(name: str) -> dict:
     return json.loads(json.dumps(default_hyperparameters(name)))
 
 
-def same_run(spec: RunSpec, info: dict | None, defaults: dict | None = None) -> str | None:
-    """None if a finished run's run.json says it is ``spec`` as the library would run it today; otherwise what
-    differs. Its arguments must be the study file's, and the library defaults it ran with must be today's
-    wherever none of its flags set the value: a default changed since (AdaptOpt's LR rule, say) refuses the
-    run, while a default a flag overrode, or one the library did not have yet, cannot have changed it."""
+def same_run(spec: RunSpec, info: dict | None, defaults: dict | None = None, results: dict | None = None) -> str | None:
+    """None if a finished run's run.json (and results.json, ``results``) say it is ``spec`` as the library would
+    run it today; otherwise what differs. Its arguments must be the study file's (``RESTATED_DEFAULTS``: or the
+    study file's less a switch that restates what the run did before the switch existed), and the library defaults
+    it ran with must be today's wherever none of its flags set the value: a default changed since (AdaptOpt's LR
+    rule, say) refuses the run, while a default a flag overrode, or one the library did not have yet, cannot have
+    changed it."""
     if info is None:
         return "no run.json"
-    if info.get("recipe_args") != spec.recipe_args():
+    if info.get("recipe_args") != spec.recipe_args() and not ran_as_restated(spec, info.get("recipe_args"), results):
         return "its arguments differ from the study file's"
     set_by_flags = {FLAG_HYPERPARAMETERS[a[2:]] for a in spec.recipe_args() if a[2:] in FLAG_HYPERPARAMETERS}
     recorded = info.get("optimizer_defaults") or {}
     today = defaults if defaults is not None else optimizer_defaults(spec.optimizer)
     changed = sorted(k for k, v in recorded.items() if k not in set_by_flags and k in today and today[k] != v)
     return f"the library's default {', '.join(changed)} changed since it ran" if changed else None
+
+
+def ran_as_restated(spec: RunSpec, recorded: list[str] | None, results: dict | None) -> bool:
+    """Whether a run recorded with ``recorded`` arguments ran as ``spec``, whose arguments add switches of
+    ``RESTATED_DEFAULTS``: the rest must be the same, and for each such switch the run's results.json must record
+    the switch's setting or nothing (it ran before the switch existed)."""
+    wanted = spec.recipe_args()
+    restated = [a for a in wanted if a in RESTATED_DEFAULTS]
+    if not restated or recorded is None or [a for a in wanted if a not in RESTATED_DEFAULTS] != recorded:
+        return False
+    results = results or {}
+    return all(results.get(key, setting) == setting for key, setting in map(RESTATED_DEFAULTS.get, restated))
 
 
 def check_unchanged(study: Study, specs: list[RunSpec]) -> None:
@@ -137,7 +164,7 @@ def check_unchanged(study: Study, specs: list[RunSpec]) -> None:
             continue
         if spec.optimizer not in defaults:
             defaults[spec.optimizer] = optimizer_defaults(spec.optimizer)
-        why = same_run(spec, read_run_info(directory), defaults[spec.optimizer])
+        why = same_run(spec, read_run_info(directory), defaults[spec.optimizer], read_results(directory))
         if why:
             changed.append(f"{spec.name} ({why})")
     if changed:
