@@ -79,7 +79,10 @@ def eval_losses_in_fresh_process(models: list[tuple[Path, Path | None]], validat
     specs = json.dumps([{"model": str(m), "adapter": str(a) if a else None} for m, a in models])
     cmd = [sys.executable, __file__, "--models", specs, "--validation_file", str(validation_file),
            "--block_size", str(block_size)] + (["--max_blocks", str(max_blocks)] if max_blocks else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    # this file imports conftest, which imports adaptopt: the checkout's, installed or not
+    env = dict(os.environ, HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
