@@ -34,7 +34,8 @@ SWITCH = "--no_group_by_length"
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="studies/glue.yaml", help="the study file whose runs are compared")
-    parser.add_argument("--results", default="studies/results/glue", help="the study's results folder (its runs)")
+    parser.add_argument("--results", default=None,
+                        help="the study's results folder (its runs; default: the study file's output_dir)")
     parser.add_argument("--run", default="sst2-adamw-lr5e-05", help="a run name of the study, without -seedN")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--metric", default="accuracy", help="the results.json key compared")
@@ -43,7 +44,10 @@ def main():
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
 
-    study = load_study(REPO / args.study, REPO / args.results)
+    study = load_study(REPO / args.study, REPO / args.results if args.results else None)
+    if not study.output_dir.is_absolute():  # the study file's output_dir is relative to the repository
+        study = load_study(REPO / args.study, REPO / study.output_dir)
+    args.results = str(study.output_dir.relative_to(REPO) if study.output_dir.is_relative_to(REPO) else study.output_dir)
     specs = {s.name: s for s in study.runs()}
     random_, grouped = [], []
     for seed in args.seeds:
