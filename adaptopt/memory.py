@@ -90,8 +90,10 @@ class PrivatePeak:
         self.stop()
 
 
-# glibc's mallopt parameter for the size above which malloc maps memory of its own (and unmaps it on free), and
-# the largest value its dynamic rule ever raises that size to on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
+# glibc's mallopt parameters: the size above which malloc maps memory of its own (and unmaps it on free), and the
+# free space at the heap's top above which free() gives it back; the largest mapping threshold its dynamic rule
+# ever sets on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX), with the trim threshold that rule pairs with it (2x).
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
 
@@ -115,7 +117,9 @@ def freed_memory_returned(threshold: int = 1 << 20):
     threshold after the first large free, so the following temporaries come from the heap, where freed blocks
     stay resident; measured on llama-250m with 2 ranks, that left 0.85-1.39 GiB of private memory per rank for a
     0.47 GiB partition, against 0.75 with this (docs/llm.md). Afterwards the threshold is set to the value
-    glibc's own rule ends at and free heap memory is trimmed. A no-op where the C library is not glibc."""
+    glibc's own rule ends at (and the trim threshold it pairs with it, so that training's allocations are served
+    as glibc would have served them once warm) and free heap memory is trimmed. A no-op where the C library is
+    not glibc."""
     libc = _glibc()
     if libc is None:
         yield
@@ -126,6 +130,7 @@ def freed_memory_returned(threshold: int = 1 << 20):
     finally:
         libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
         libc.malloc_trim(0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
 
 
 def numel(p: torch.Tensor) -> int:
