@@ -78,3 +78,29 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tiny_study" in getattr(item, "fixturenames", ()) or getattr(item, "originalname", "") in STUDY_END_TO_END:
             item.add_marker(pytest.mark.slow)
+
+
+def preempt_then_resume(cmd: list[str], out: Path, signal_after: str) -> None:
+    """Runs ``cmd`` (a recipe started with python), sends SIGUSR1 (SLURM's warning before preemption) once a
+    stderr line contains ``signal_after`` (logged after the recipe installs its handler, before update 1), and
+    checks the run checkpointed after update 1, exited 75 and wrote no results; then resumes it with
+    ``--resume_from_checkpoint latest`` to the end. The caller compares its results with the uninterrupted run's."""
+    import signal
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # as launch() runs the uninterrupted run
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if signal_after in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    _, rest = proc.communicate(timeout=600)
+    assert proc.returncode == 75, "".join(seen)[-3000:] + rest[-3000:]
+    assert "stopped for preemption after update 1" in rest
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step_00000001"]
+    assert not (out / "results.json").exists()
+    resumed = subprocess.run([*cmd, "--resume_from_checkpoint", "latest"], capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]

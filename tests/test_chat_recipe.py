@@ -4,9 +4,6 @@ checkpointing changes no loss under DDP (full fine-tuning) and under ZeRO-3 with
 partitioned (zero.Init) or whole (zero3_init_flag false) alike; an interrupted run resumes to the uninterrupted
 run's result, and a preempted one (SIGUSR1, exit 75) too."""
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import pytest
 import torch
 
 from clm_fixtures import tiny_llama  # noqa: F401 (fixture)
-from conftest import launch
+from conftest import launch, preempt_then_resume
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -119,23 +116,7 @@ def test_a_preempted_chat_run_resumes_to_the_uninterrupted_result(tiny_llama, tm
     full, out = tmp_path / "full", tmp_path / "preempted"
     launch("recipes/clm.py", chat_args(tiny_llama, full, "--max_train_steps", "4"))
     cmd = [sys.executable, str(REPO / "recipes" / "clm.py"), *chat_args(tiny_llama, out, "--max_train_steps", "4")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # as launch() runs the uninterrupted run
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    seen = []
-    for line in proc.stderr:  # the parameter count is logged after the handler is installed, before update 1
-        seen.append(line)
-        if "parameters: " in line:
-            proc.send_signal(signal.SIGUSR1)
-            break
-    _, rest = proc.communicate(timeout=600)
-    assert proc.returncode == 75, "".join(seen)[-3000:] + rest[-3000:]
-    assert "stopped for preemption after update 1" in rest
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
-    assert not (out / "results.json").exists()
-
-    resumed = subprocess.run([*cmd, "--resume_from_checkpoint", "latest"], capture_output=True, text=True,
-                             timeout=600, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    preempt_then_resume(cmd, out, signal_after="parameters: ")  # logged after the handler, before update 1
     a, b = results(full), results(out)
     assert b["resumed_from"].endswith("step_00000001") and b["completed_steps"] == 4
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)

@@ -3,15 +3,12 @@ for preemption) on a tiny random T5 and the real GLUE files: generated answers s
 answers counted, a task learnt in a few dozen updates, evaluation that does not depend on the number of processes
 or on ZeRO-3's sharding, exact resume after a preemption, LoRA adapters and their merged model, bad input."""
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launch
+from conftest import REPO, launch, preempt_then_resume
 from seq2seq_fixtures import domain_pairs, tiny_t5  # noqa: F401 (fixtures)
 
 sys.path.insert(0, str(REPO / "recipes"))
@@ -120,23 +117,7 @@ def test_a_preempted_run_resumes_to_the_uninterrupted_result(mrpc_run, glue_dir,
     exits 75; resumed with --resume_from_checkpoint latest, it ends where the uninterrupted run ended, to the bit."""
     out = tmp_path / "preempted"
     cmd = [sys.executable, str(REPO / "recipes" / "seq2seq.py"), *mrpc_args(glue_dir, tiny_t5, out, *FULL_RUN)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # as launch() runs the uninterrupted run
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    seen = []
-    for line in proc.stderr:  # the model is logged after the signal handler is installed
-        seen.append(line)
-        if "model: " in line:
-            proc.send_signal(signal.SIGUSR1)
-            break
-    _, rest = proc.communicate(timeout=600)
-    assert proc.returncode == 75, "".join(seen)[-3000:] + rest[-3000:]
-    assert "stopped for preemption after update 1" in rest
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
-    assert not (out / "results.json").exists()
-
-    resumed = subprocess.run([*cmd, "--resume_from_checkpoint", "latest"], capture_output=True, text=True,
-                             timeout=600, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    preempt_then_resume(cmd, out, signal_after="model: ")  # logged after the handler is installed
     a, b = results(mrpc_run), results(out)
     assert b["resumed_from"].endswith("step_00000001") and b["completed_steps"] == MRPC_STEPS
     for key in ("accuracy", "f1", "invalid_answers", "train_loss"):
