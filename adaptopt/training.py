@@ -20,6 +20,7 @@ live in ``LossTotals`` and the training time in ``TrainClock``.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -563,6 +564,17 @@ def check_run_inputs(args) -> Path | None:
     return checkpoint
 
 
+def end_process_group() -> None:
+    """Destroys the default process group, if one exists, while the interpreter is still whole.
+
+    A process that exits with a gloo group alive can abort in interpreter finalization ("terminate called
+    without an active exception", SIGABRT, exit 134 instead of the recipe's own 0, 2, 3, 74 or 75): gloo's
+    worker threads still hold work whose tensors reach back into Python (pytorch/pytorch#190489). Run at exit,
+    so every way out of a recipe (success, ``exit_with``, an uncaught error) ends the group first."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def run_main(setup: Callable[[], tuple], train: Callable[..., dict], input_errors: tuple = ()) -> dict:
     """A recipe's main(): exit codes a scheduler and a user can act on.
 
@@ -574,6 +586,7 @@ def run_main(setup: Callable[[], tuple], train: Callable[..., dict], input_error
     checkpoint (a requeued job resumes with --resume_from_checkpoint latest).
     The line is shown once however many processes stop with it (adaptopt/launch.py: exit_with)."""
     preemption = PreemptionSignal.install()  # before the slow start-up: a signal during it counts too
+    atexit.register(end_process_group)  # a second registration (another run in this process) finds no group: no-op
     try:
         inputs = setup()
     except (*input_errors, ModelNotFoundError, FileNotFoundError, ConfigError, ResumeWorldError) as err:

@@ -174,6 +174,9 @@ def main() -> None:
             out.write(json.dumps(result) + "\n")
             out.flush()
     dist.barrier()
+    # a gloo group left to the interpreter's finalization can abort the process (adaptopt/training.py:
+    # end_process_group)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

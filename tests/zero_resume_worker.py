@@ -92,6 +92,9 @@ def main() -> None:
         if args.reshard and not (config_name.startswith("zero3") and dist.get_world_size() > 1):
             reshard(*args.reshard, config_name, precision)
     dist.barrier()
+    # a gloo group left to the interpreter's finalization can abort the process (adaptopt/training.py:
+    # end_process_group)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
