@@ -1,14 +1,13 @@
 """adaptopt/models.py's loading options: activation checkpointing gives the same loss and gradients as without it
 (full training and LoRA) while keeping fewer activations, what --torch_dtype/--attn_implementation pass to
 from_pretrained, and the refusal of an attention kernel this machine cannot run."""
-import argparse
-
 import pytest
 import torch
 
 from adaptopt import cli
 from adaptopt.lora import apply_lora
 from adaptopt.models import enable_activation_checkpointing, load_kwargs
+from test_cli import parse  # the recipes' shared flags, parsed and checked as a recipe does
 
 
 def tiny_llama(**kwargs):
@@ -68,15 +67,6 @@ def test_checkpointing_turns_the_kv_cache_off_and_refuses_a_model_without_suppor
     assert model.config.use_cache is False and all(layer.gradient_checkpointing for layer in model.model.layers)
     with pytest.raises(ValueError, match="does not support activation checkpointing"):
         enable_activation_checkpointing(torch.nn.Linear(2, 2))
-
-
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    cli.add_optimization_args(parser)
-    cli.add_run_args(parser)
-    args = parser.parse_args(["--output_dir", "unused", *argv])
-    cli.check_shared_args(parser, args)
-    return args
 
 
 def test_load_kwargs_pass_only_the_flags_given():
