@@ -16,6 +16,8 @@ Rows (one engine each, the recipes' hyperparameters: lr 2e-5, betas (0.9, 0.999)
 - DeepSpeedCPUAdam: DeepSpeed's own vectorised CPU Adam, the anchor;
 - AdaptOpt at its defaults (Mechanic LR scale, adaptive momentum) on its native CPU update (what
   ``--optimizer_impl auto`` picks under ZeRO-Offload);
+- AdaptOpt native with the hypergradient LR rule (adaptive momentum on): no start x0 to read, one fp32
+  stream fewer than Mechanic;
 - AdaptOpt native with the adaptive parts off (AdamW's math): the cost of the adaptive parts;
 - torch AdamW (fused): torch's own C++ kernel, for context.
 
@@ -83,6 +85,8 @@ def optimizer_makers() -> dict:
     return {
         ANCHOR: lambda groups: DeepSpeedCPUAdam(groups, adamw_mode=True, **HYPER),
         TARGET: lambda groups: AdaptOpt(groups, native=True, max_grad_norm=None, **HYPER),
+        "AdaptOpt native, hypergradient rule": lambda groups: AdaptOpt(
+            groups, native=True, max_grad_norm=None, adaptive_lr="hypergradient", **HYPER),
         "AdaptOpt native, adaptive off": lambda groups: AdaptOpt(
             groups, native=True, max_grad_norm=None, adaptive_lr=None, adaptive_momentum=False, **HYPER),
         "torch AdamW fused": lambda groups: torch.optim.AdamW(groups, fused=True, **HYPER),
