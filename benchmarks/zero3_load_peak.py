@@ -85,6 +85,8 @@ def load_peak(rank: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(clm.default_model_path())
     config = clm.model_config(argparse.Namespace(model_name_or_path=None, config_name="llama-250m",
                                                  trust_remote_code=False), tokenizer)
+    # transformers holds this config by weak reference and builds inside zero.Init while it lives (what
+    # accelerate registers for the recipes under a ZeRO-3 config)
     ds_config = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})  # noqa: F841
     with Sampler() as sampler:
         label_gathers(sampler)
