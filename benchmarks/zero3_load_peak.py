@@ -17,8 +17,6 @@ Two measurements on each of 2 ranks, private (anonymous) resident memory sampled
 """
 import argparse
 import sys
-import threading
-import time
 from pathlib import Path
 
 import deepspeed
@@ -28,37 +26,28 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 
-from adaptopt.memory import freed_memory_returned, private_memory_mb  # noqa: E402
+from adaptopt.memory import PrivatePeak, freed_memory_returned, private_memory_mb  # noqa: E402
 
 
-class Sampler:
-    """Private memory every ``interval`` s, each sample tagged with the current ``label``."""
+class LabelledPeak(PrivatePeak):
+    """adaptopt.memory.PrivatePeak sampled every millisecond that also keeps the ``label`` current at its peak."""
 
-    def __init__(self, interval: float = 0.001):
-        self.interval, self.label, self.samples = interval, "start", []
-        self.base = private_memory_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self):
+        super().__init__(interval=0.001)
+        self.label, self.where = "start", None
 
-    def _run(self):
+    def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.samples.append((private_memory_mb(), self.label))
+            now = private_memory_mb()
+            if now is not None and now > self.peak_mb:
+                self.peak_mb, self.where = now, self.label
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        time.sleep(0.01)
-        self._stop.set()
-        self._thread.join()
-
-    def peak(self) -> tuple[float, str]:
-        mb, label = max(self.samples)
-        return mb - self.base, label
+    @property
+    def rise_mb(self) -> float:
+        return self.peak_mb - self.start_mb
 
 
-def label_gathers(sampler: Sampler):
+def label_gathers(sampler: LabelledPeak):
     """Tags the samples taken inside each DeepSpeed GatheredParameters block with the elements it gathers."""
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
@@ -88,17 +77,16 @@ def load_peak(rank: int) -> None:
     # transformers holds this config by weak reference and builds inside zero.Init while it lives (what
     # accelerate registers for the recipes under a ZeRO-3 config)
     ds_config = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})  # noqa: F841
-    with Sampler() as sampler:
+    with LabelledPeak() as sampler:
         label_gathers(sampler)
         with freed_memory_returned():
             sampler.label = "building"
             model = AutoModelForCausalLM.from_config(config)
         sampler.label = "built"
-    after = private_memory_mb() - sampler.base
+    after = private_memory_mb() - sampler.start_mb
     partition = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters()) / 2**20
-    peak, where = sampler.peak()
     print(f"rank {rank} load: partition {partition:.0f} MiB; private memory after the load +{after:.0f} MiB, "
-          f"peak +{peak:.0f} MiB while {where}", flush=True)
+          f"peak +{sampler.rise_mb:.0f} MiB while {sampler.where}", flush=True)
 
 
 def gather_peaks(rank: int, world: int, n: int = 30_522 * 1_024) -> None:
@@ -120,12 +108,11 @@ def gather_peaks(rank: int, world: int, n: int = 30_522 * 1_024) -> None:
     for name, gather in (("all_gather_into_tensor", into_tensor), ("all_gather into views", into_views),
                          ("broadcast per owner", broadcasts)):
         dist.barrier()
-        with Sampler() as sampler:
+        with LabelledPeak() as sampler:
             out = torch.zeros(n)
             gather(out)
         assert torch.equal(out.chunk(world)[rank], shard)
-        peak, _ = sampler.peak()
-        print(f"rank {rank} gather of {n / 1e6:.1f}M fp32 ({n * 4 / 2**20:.0f} MiB), {name}: peak +{peak:.0f} MiB",
+        print(f"rank {rank} gather of {n / 1e6:.1f}M fp32 ({n * 4 / 2**20:.0f} MiB), {name}: peak +{sampler.rise_mb:.0f} MiB",
               flush=True)
         del out
 
