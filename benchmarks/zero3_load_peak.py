@@ -76,7 +76,8 @@ def load_peak(rank: int) -> None:
                                                  trust_remote_code=False), tokenizer)
     # transformers holds this config by weak reference and builds inside zero.Init while it lives (what
     # accelerate registers for the recipes under a ZeRO-3 config)
-    ds_config = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})  # noqa: F841
+    zero3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    ds_config = HfDeepSpeedConfig(zero3)  # noqa: F841
     with LabelledPeak() as sampler:
         label_gathers(sampler)
         with freed_memory_returned():
@@ -112,7 +113,8 @@ def gather_peaks(rank: int, world: int, n: int = 30_522 * 1_024) -> None:
             out = torch.zeros(n)
             gather(out)
         assert torch.equal(out.chunk(world)[rank], shard)
-        print(f"rank {rank} gather of {n / 1e6:.1f}M fp32 ({n * 4 / 2**20:.0f} MiB), {name}: peak +{sampler.rise_mb:.0f} MiB",
+        print(f"rank {rank} gather of {n / 1e6:.1f}M fp32 ({n * 4 / 2**20:.0f} MiB), {name}: "
+              f"peak +{sampler.rise_mb:.0f} MiB",
               flush=True)
         del out
 
