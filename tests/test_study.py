@@ -104,12 +104,13 @@ def test_loss_curves_leave_out_a_last_window_of_a_few_updates(tmp_path):
         (tmp_path / str(seed)).mkdir()
         # logged after updates 10, 20 and 21: the last line is one update's loss
         (tmp_path / str(seed) / "train_log.jsonl").write_text("".join(
-            json.dumps({"step": step, "train/loss": loss, "train/lr": 1e-5}) + "\n"
-            for step, loss in zip((10, 20, 21), losses)))
+            json.dumps({"step": step, "train/loss": loss, "train/lr": lr}) + "\n"
+            for step, loss, lr in zip((10, 20, 21), losses, (1e-5, 3e-5 * (seed + 1), 1e-5))))
         records.append(RunRecord(None, tmp_path / str(seed), "finished", {}, {}))
     curve = _curves(records)
     assert curve["step"] == [10, 20] and curve["seeds"] == 2
     assert curve["loss_mean"] == pytest.approx([0.65, 0.45])
+    assert curve["lr_peak"] == pytest.approx(4.5e-5)  # each run's own peak (3e-5, 6e-5), then their mean
 
 
 def test_best_lr_compares_only_lrs_with_the_most_seeds():
@@ -498,7 +499,7 @@ def test_plots_and_report_are_written(tiny_study):
     report = (out / "report.md").read_text()
     for needle in ("adamw", "adaptopt", "## Verdict", "Tukey HSD", "## Ablation", "## Failed runs", "broken",
                    f"--config {tiny_study['config_path']}", "plots/loss_curves.png", "matches or beats",
-                   "This study is not complete", "Both at the same LR"):  # 2 of its runs failed
+                   "This study is not complete", "Both at the same LR", "peak LR applied"):  # 2 of its runs failed
         assert needle in report, needle
     published = tiny_study["root"] / "docs" / "study.md"  # --publish: the report for docs/, its plots beside it
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", published.read_text())

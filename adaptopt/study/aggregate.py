@@ -181,6 +181,9 @@ def _curves(records: list[RunRecord]) -> dict | None:
     steps = [step for step, window in zip(steps, windows) if 2 * window >= np.median(windows)]
     loss = np.array([[log[s]["train/loss"] for s in steps] for log in logs], dtype=float)
     lr = np.array([[log[s].get("train/lr", np.nan) for s in steps] for log in logs], dtype=float)
+    # Each run's largest applied LR over all its logged updates (the learning-rate-free optimizers set their
+    # own: what level did they pick?), mean over seeds; None where no run logged one.
+    peaks = [max(lrs) for log in logs if (lrs := [row["train/lr"] for row in log.values() if "train/lr" in row])]
     return dict(step=steps, seeds=len(logs), loss_mean=loss.mean(0).tolist(),
                 loss_std=(loss.std(0, ddof=1) if len(logs) > 1 else np.zeros(len(steps))).tolist(),
-                lr_mean=lr.mean(0).tolist())
+                lr_mean=lr.mean(0).tolist(), lr_peak=float(np.mean(peaks)) if peaks else None)

@@ -178,13 +178,16 @@ def _sentence(task: str, v: dict, c: dict, cand: str, base: str) -> str:
 def _optimizer_sections(summary: dict, plots: dict[str, str]) -> list[str]:
     lines = ["## Optimizers per task", "",
              "Each optimizer at its study LR (the papers' default unless the study file sets one), all other settings "
-             "shared. mean ± std over seeds. Train loss (last epoch): the mean training loss over each run's last "
-             "epoch, from its train_log.jsonl.", ""]
+             "shared. mean ± std over seeds. Peak LR applied: the largest learning rate among the updates each run "
+             "logged, mean over seeds (AdaptOpt: the schedule times its learned scale; Prodigy and D-Adapt: their "
+             "estimate d times lr and the schedule). Train loss (last epoch): the mean training loss over each "
+             "run's last epoch, from its train_log.jsonl.", ""]
     for task, s in summary["tasks"].items():
         metrics, primary = s["metrics"], s["primary_metric"]
         lines += [f"### {task} (ranked by {primary}, {'higher' if s['higher_is_better'] else 'lower'} is better)", ""]
-        lines += _table(["optimizer", "lr", "seeds", *[_metric_label(m) for m in metrics]],
-                        [[g["optimizer"], f"{g['learning_rate']:g}",
+        curves = s.get("curves") or {}
+        lines += _table(["optimizer", "lr", "peak LR applied", "seeds", *[_metric_label(m) for m in metrics]],
+                        [[g["optimizer"], f"{g['learning_rate']:g}", _peak_lr(curves.get(g["optimizer"])),
                           f"{g['n_finished']}" + (f" ({g['n_failed']} failed)" if g["n_failed"] else ""),
                           *[fmt_stat(g["stats"][m], m) for m in metrics]] for g in s["optimizers"]])
         anova_rows = [[_metric_label(m), f"{a['F']:.3f}" if math.isfinite(a["F"]) else "n/a", fmt_p(a["p"]),
@@ -204,6 +207,10 @@ def _optimizer_sections(summary: dict, plots: dict[str, str]) -> list[str]:
         lines += [f"![metric bars]({plots['metric_bars']})", "",
                   "Tukey HSD for every metric (and all numbers above) are in `summary.json`.", ""]
     return lines
+
+
+def _peak_lr(curve: dict | None) -> str:
+    return f"{curve['lr_peak']:.2g}" if curve and curve.get("lr_peak") is not None else "—"
 
 
 def _tukey_matrix(rows: list[dict], order: list[str]) -> list[str]:
