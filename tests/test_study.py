@@ -113,6 +113,19 @@ def test_loss_curves_leave_out_a_last_window_of_a_few_updates(tmp_path):
     assert curve["lr_peak"] == pytest.approx(4.5e-5)  # each run's own peak (3e-5, 6e-5), then their mean
 
 
+def test_an_undefined_correlation_counts_as_zero_and_other_numbers_pass_through(tmp_path):
+    """A run that predicts one constant STS-B score has NaN Pearson/Spearman in results.json (scipy); the
+    study reads them as 0, so one such seed does not make its task's means and tests NaN."""
+    from adaptopt.study.records import RunRecord
+
+    results = json.loads(json.dumps({"pearson": float("nan"), "spearmanr": 0.25, "eval_loss": float("nan"),
+                                     "accuracy": 0.5, "flag": True}))
+    record = RunRecord(None, tmp_path, "finished", results, {})
+    assert record.value("pearson") == 0.0 and record.value("spearmanr") == 0.25 and record.value("accuracy") == 0.5
+    assert math.isnan(record.value("eval_loss"))  # not a correlation: a NaN loss stays NaN
+    assert record.value("flag") is None and record.value("missing") is None
+
+
 def test_best_lr_compares_only_lrs_with_the_most_seeds():
     """A partial study: one seed at 1e-4 (lucky 0.90) must not beat three seeds at 5e-5 (mean 0.86)."""
     from types import SimpleNamespace

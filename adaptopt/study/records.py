@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +15,12 @@ from .runner import FINISHED, find_run, read_run_info, run_status
 # the mean over the last logging window, which can be one update on the epoch's short last batch).
 FINAL_TRAIN_LOSS = "final_train_loss"
 
+# Correlations that are undefined (NaN in results.json: scipy's Pearson/Spearman of a run that predicted one
+# constant value) count as 0, no correlation: what scikit-learn already reports for Matthews' correlation in
+# that case (CoLA), and the no-skill value, so one failed seed marks its group as failed instead of turning
+# every mean, ANOVA and Tukey test of its task into NaN.
+CORRELATIONS = frozenset({"pearson", "spearmanr", "matthews_correlation"})
+
 
 @dataclass
 class RunRecord:
@@ -24,12 +31,14 @@ class RunRecord:
     info: dict | None  # run.json
 
     def value(self, key: str) -> float | None:
-        """A number from results.json (None when the run has no such number, e.g. it failed), or
-        FINAL_TRAIN_LOSS, which is computed from train_log.jsonl."""
+        """A number from results.json (None when the run has no such number, e.g. it failed; 0.0 for an
+        undefined correlation, see CORRELATIONS), or FINAL_TRAIN_LOSS, which is computed from train_log.jsonl."""
         if key == FINAL_TRAIN_LOSS:
             return self._final_train_loss if self.status == FINISHED else None
         v = (self.results or {}).get(key)
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return None
+        return 0.0 if key in CORRELATIONS and math.isnan(v) else float(v)
 
     def train_log(self) -> tuple[dict[int, dict], dict[int, dict]]:
         return read_train_log(self.directory / "train_log.jsonl")

@@ -284,7 +284,9 @@ def _ablation_section(summary: dict, plots: dict[str, str]) -> list[str]:
 
 def _method_section() -> list[str]:
     return ["## How the numbers are computed", "",
-            "- Each number is a dev-set metric from the run's `results.json` (the evaluation after the last update).",
+            "- Each number is a dev-set metric from the run's `results.json` (the evaluation after the last update). "
+            "A correlation (Pearson, Spearman, Matthews) that is undefined because the run predicted one constant "
+            "value (NaN in results.json) counts as 0, no correlation, as scikit-learn reports Matthews' in that case.",
             "- mean ± std: sample standard deviation (ddof = 1) over seeds; 95% CI (error bars): the t interval "
             "mean ± t(0.975, n−1)·std/√n, which is wide for 3 seeds (t = 4.30).",
             "- One-way ANOVA: `scipy.stats.f_oneway`; Tukey HSD: `statsmodels` `pairwise_tukeyhsd` (p adjusted for "
