@@ -535,6 +535,33 @@ def test_plots_of_a_partial_study_mark_tasks_without_runs(tiny_study, tmp_path):
     assert all(path.read_bytes().startswith(PNG_SIGNATURE) for path in written.values())
 
 
+def test_lr_sensitivity_names_a_peer_far_below_the_swept_lines_instead_of_stretching_the_axis():
+    """STS-B: the swept lines lie within 0.80-0.88 and a failed peer at Pearson 0.02; a dashed line there
+    would flatten them, so it is named in a box and a peer near them is still drawn."""
+    import matplotlib.pyplot as plt
+
+    from adaptopt.study.plots import _lr_sensitivity
+
+    def stats(mean):
+        return {"pearson": dict(n=3, mean=mean, ci95=0.01)}
+
+    task = dict(primary_metric="pearson",
+                lr_sensitivity={"adamw": [dict(learning_rate=lr, stats=stats(m))
+                                          for lr, m in ((5e-5, 0.84), (1e-4, 0.86), (2e-4, 0.858))]},
+                verdict=dict(untuned=[dict(optimizer="prodigy", candidate=dict(mean=0.02, ci95=0.05)),
+                                      dict(optimizer="dadapt_adam", candidate=dict(mean=0.83, ci95=0.01))]))
+    fig, ax = plt.subplots()
+    try:
+        assert _lr_sensitivity(task, ax, {"adamw": "C0", "prodigy": "C1", "dadapt_adam": "C2"}, "stsb")
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert "dadapt_adam (no LR)" in labels and "prodigy (no LR)" not in labels
+        assert any("prodigy (no LR): 0.020" in t.get_text() for t in ax.texts)
+        assert ax.get_ylim()[0] > 0.5
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["5e-5", "1e-4", "2e-4"]
+    finally:
+        plt.close(fig)
+
+
 def live_processes_in_group(pgid: int) -> list[int]:
     """Processes of a process group that still run (zombies waiting for a reaper do not count)."""
     live = []

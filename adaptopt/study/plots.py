@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
 from .files import write_atomically  # noqa: E402
@@ -155,19 +156,31 @@ def _lr_sensitivity(task: dict, ax, colors, title: str) -> bool:
                         yerr=[_finite(r["stats"][metric]["ci95"]) for r in rows], marker="o", capsize=3,
                         label=opt, color=colors[opt])
             drawn = True
+    # A peer far outside the swept lines' range (e.g. one that failed: Pearson 0 against 0.86) is named in a
+    # note instead of drawn, since an axis stretched down to it would flatten the lines the figure is for.
+    swept = [(r["stats"][metric]["mean"], _finite(r["stats"][metric]["ci95"]))
+             for rows in task["lr_sensitivity"].values() for r in rows if r["stats"][metric]["n"]]
+    lo, hi = (min(m - c for m, c in swept), max(m + c for m, c in swept)) if swept else (0.0, 0.0)
+    off_axis = []
     for peer in (task.get("verdict") or {}).get("untuned") or []:
         if drawn and peer["optimizer"] not in task["lr_sensitivity"]:
             mean, ci = peer["candidate"]["mean"], _finite(peer["candidate"]["ci95"])
+            if not lo - 2 * (hi - lo) <= mean <= hi + 2 * (hi - lo):
+                off_axis.append(f"{peer['optimizer']} (no LR): {mean:.3f}")
+                continue
             color = colors.get(peer["optimizer"], "0.3")
             ax.axhline(mean, color=color, linestyle="--", lw=1.4, label=f"{peer['optimizer']} (no LR)")
             ax.axhspan(mean - ci, mean + ci, color=color, alpha=0.08)
+    if off_axis:
+        ax.text(0.02, 0.03, "off the axis, mean:\n" + "\n".join(off_axis), transform=ax.transAxes, fontsize=8,
+                va="bottom", bbox=dict(facecolor="white", edgecolor="0.7", alpha=0.9))
     ax.set(title=f"{title}: {metric} vs learning rate", xlabel="learning rate given", ylabel=f"{metric} (mean, 95% CI)")
     if drawn:
         ax.set_xscale("log")
-        # Ticks at the swept LRs only, written as the study file writes them (matplotlib's own log ticks
-        # label every minor tick, 2x10^-5 3x10^-5 ..., which overlap).
+        # Ticks at the swept LRs only, as 1e-4, 2e-4 (matplotlib's own log ticks label every minor tick,
+        # 2x10^-5 3x10^-5 ..., and "0.0001" beside "0.0002" runs together).
         lrs = sorted({r["learning_rate"] for rows in task["lr_sensitivity"].values() for r in rows})
-        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.set_xticks(lrs, [np.format_float_scientific(lr, trim="-", exp_digits=1) for lr in lrs])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.legend(fontsize=8)
     return drawn

@@ -248,8 +248,8 @@ def _sweep_section(summary: dict, plots: dict[str, str]) -> list[str]:
         unswept = {c["optimizer"] for s in summary["tasks"].values() for c in (s.get("verdict") or {}).get("untuned", [])
                    if c["optimizer"] not in s["lr_sensitivity"]}
         if unswept:
-            lines += [f"Dashed lines: {', '.join(sorted(unswept))}, run without an LR of their own (mean; band: 95% CI).",
-                      ""]
+            lines += [f"Dashed lines: {', '.join(sorted(unswept))}, run without an LR of their own (mean; band: "
+                      "95% CI); one far outside the swept lines' range is named with its mean in a box instead.", ""]
     return lines
 
 
