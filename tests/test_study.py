@@ -560,6 +560,14 @@ def test_lr_sensitivity_names_a_peer_far_below_the_swept_lines_instead_of_stretc
         assert [t.get_text() for t in ax.get_xticklabels()] == ["5e-5", "1e-4", "2e-4"]
     finally:
         plt.close(fig)
+    # one swept point of one seed (no width): a peer near it is still drawn, not boxed
+    task["lr_sensitivity"] = {"adamw": [dict(learning_rate=1e-4, stats={"pearson": dict(n=1, mean=0.86, ci95=None)})]}
+    fig, ax = plt.subplots()
+    try:
+        _lr_sensitivity(task, ax, {"adamw": "C0", "prodigy": "C1", "dadapt_adam": "C2"}, "stsb")
+        assert "dadapt_adam (no LR)" in [line.get_label() for line in ax.get_lines()]
+    finally:
+        plt.close(fig)
 
 
 def live_processes_in_group(pgid: int) -> list[int]:

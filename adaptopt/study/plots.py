@@ -161,11 +161,13 @@ def _lr_sensitivity(task: dict, ax, colors, title: str) -> bool:
     swept = [(r["stats"][metric]["mean"], _finite(r["stats"][metric]["ci95"]))
              for rows in task["lr_sensitivity"].values() for r in rows if r["stats"][metric]["n"]]
     lo, hi = (min(m - c for m, c in swept), max(m + c for m, c in swept)) if swept else (0.0, 0.0)
+    # at least 10% of the values' size: one swept point of one seed has no width, and every peer would be "far"
+    span = max(hi - lo, 0.1 * max(abs(lo), abs(hi)))
     off_axis = []
     for peer in (task.get("verdict") or {}).get("untuned") or []:
         if drawn and peer["optimizer"] not in task["lr_sensitivity"]:
             mean, ci = peer["candidate"]["mean"], _finite(peer["candidate"]["ci95"])
-            if not lo - 2 * (hi - lo) <= mean <= hi + 2 * (hi - lo):
+            if not lo - 2 * span <= mean <= hi + 2 * span:
                 off_axis.append(f"{peer['optimizer']} (no LR): {mean:.3f}")
                 continue
             color = colors.get(peer["optimizer"], "0.3")
