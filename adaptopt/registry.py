@@ -13,6 +13,7 @@ the same thing whichever optimizer a study picks, and the clipper's state rides 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable
 
 import torch
@@ -90,10 +91,19 @@ def default_hyperparameters(name: str) -> dict:
 
 def run_hyperparameters(optimizer: torch.optim.Optimizer) -> dict:
     """The hyperparameters an optimizer was built with (its ``defaults``), for results.json: without the
-    implementation switches and without AdaptOpt's run-time scalars (the LR scale and path statistics).
-    Clipping is not among them: the recipe's --max_grad_norm sets it (and under DeepSpeed the engine clips)."""
-    runtime = {"lr_scale", "path_cos", "pending_stats", "pending_step", "index"}
-    return {k: v for k, v in optimizer.defaults.items() if k not in IMPLEMENTATION_ARGS and k not in runtime}
+    implementation switches and without run-time state kept in ``defaults``. Only the constructor's own
+    arguments count as hyperparameters: the peers keep their estimates' state there (Prodigy's d, d_max,
+    d_numerator and k, Schedule-Free's weight_sum and train_mode, ...), which at construction holds only
+    starting values, and AdaptOpt its LR scale and path statistics. D-Adapt Adam stores its d0 argument
+    as ``d``: recorded as d0. Clipping is not among them: the recipe's --max_grad_norm sets it (and under
+    DeepSpeed the engine clips)."""
+    defaults = dict(optimizer.defaults)
+    arguments = inspect.signature(type(optimizer).__init__).parameters
+    if "d0" in arguments and "d0" not in defaults and "d" in defaults:
+        defaults["d0"] = defaults["d"]
+    takes_any = any(a.kind is inspect.Parameter.VAR_KEYWORD for a in arguments.values())
+    return {k: v for k, v in defaults.items()
+            if k not in IMPLEMENTATION_ARGS and (takes_any or k in arguments)}
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:

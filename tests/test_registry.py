@@ -110,6 +110,23 @@ def test_default_hyperparameters_are_the_registry_over_the_class_without_impleme
     assert used["lr"] == 1e-3 and used["hypergrad_rate"] == 0.1 and "lr_scale" not in used and "compiled" not in used
 
 
+@pytest.mark.parametrize("name, state, argument", [
+    ("prodigy", {"d", "d_max", "d_numerator", "k"}, ("d0", 1e-5)),
+    ("dadapt_adam", {"d", "k", "numerator_weighted", "layer_scale"}, ("d0", 1e-5)),
+    ("schedulefree_adamw", {"k", "train_mode", "weight_sum", "lr_max", "scheduled_lr"}, ("warmup_steps", 7)),
+])
+def test_a_run_records_the_peers_arguments_not_their_estimates_state(name, state, argument):
+    """The peers keep their estimates' state in ``defaults`` (d, k, ...): results.json records only what the
+    optimizer was built with, D-Adapt's d0 (stored as d) under its argument's name."""
+    from adaptopt.registry import run_hyperparameters
+
+    key, value = argument
+    optimizer = build_optimizer(name, [torch.nn.Parameter(torch.ones(2))], **{key: value})
+    assert state <= set(optimizer.defaults)  # what the package keeps there today
+    used = run_hyperparameters(optimizer)
+    assert not state & set(used) and used[key] == value and used["weight_decay"] == 0.01
+
+
 def test_clipping_is_the_same_whichever_way_adaptopt_is_built():
     """AdaptOpt(params) and build_optimizer("adaptopt", ...) clip at the class's default (1.0); a baseline built
     by name does not clip unless asked, as the torch class would not."""
