@@ -53,7 +53,7 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
                    help="how the update runs, the same math each way. native: adaptopt's vectorised C++ kernel for "
                         "a step on the CPU (a plain CPU run, or the host step of DeepSpeed ZeRO-Offload; built with "
                         "the C++ compiler on first use, cached across runs). compiled: adaptopt's torch.compile-d "
-                        "single-pass kernel (4-5x faster step than eager; compiles once, cached across runs). "
+                        "kernel (4-5x faster step than eager; compiles once, cached across runs). "
                         "fused: torch's fused C++ kernel of a torch baseline (adam, adamw, sgd, momentum, adagrad). "
                         "foreach: torch._foreach_* ops (adaptopt and the torch optimizers). eager: the optimizer's "
                         "default path (a per-tensor loop on CPU). auto: the fastest that works here: for adaptopt native "

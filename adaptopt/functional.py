@@ -5,10 +5,13 @@ One math, three implementations of the same signature:
 - ``adaptopt_single_tensor``: a for-loop over tensors, written like ``torch.optim.AdamW``'s single-tensor
   path (same operation order, so with the adaptive parts off it is bit-identical to AdamW in float64);
 - ``adaptopt_foreach``: the same arithmetic with ``torch._foreach_*`` (fewer kernel launches);
-- ``adaptopt_compiled``: one ``torch.compile``-d kernel, called on 8 tensors at a time, whose loop per
-  tensor reads p, g, m, v once and writes p, m, v once (7 tensors: the memory-bandwidth floor of an
-  Adam step), with the adaptive-LR/momentum statistics reduced inside the same loop. Small tensors are
-  concatenated into one first (see ``_SMALL_NUMEL``).
+- ``adaptopt_compiled``: one ``torch.compile``-d kernel, called on 8 tensors at a time. Without statistics
+  its loop per tensor reads p, g, m, v once and writes p, m, v once (7 tensors: the memory-bandwidth floor
+  of an Adam step). With them, inductor's C++ backend (torch 2.13) gives each tensor two loops: the sums'
+  (reading g, m, v, and p, x0 for Mechanic) and then the update's, because it does not fuse a reduction
+  with a later loop that overwrites the reduction's inputs (TORCH_LOGS=output_code). The one-pass update on
+  the CPU is the native one (native_update.py). Small tensors are concatenated into one first (see
+  ``_SMALL_NUMEL``).
 
 Every function updates ``params``, ``exp_avgs``, ``exp_avg_sqs`` in place and returns a float64 tensor of
 sums over the tensors given (None when it has none to return):
@@ -212,8 +215,9 @@ def _update(p, g, m, v, x0, scalars, want_stats: bool) -> list[Tensor]:
 def _make_kernel(want_stats: bool, want_distance: bool) -> Callable:
     def kernel(params, grads, exp_avgs, exp_avg_sqs, x0s, scalars) -> list[Tensor]:
         """The sums of each tensor, one tensor after the other, as a flat list (fewer graph nodes than a
-        stacked tensor; see _CHUNK). Inductor fuses each tensor's sums and update into one loop that reads
-        p, g, m, v (and x0) once and writes p, m, v once (TORCH_LOGS=output_code)."""
+        stacked tensor; see _CHUNK). Per tensor the update is one loop that reads p, g, m, v (and x0) once
+        and writes p, m, v once; the sums, when asked for, a loop of their own before it on the CPU (see
+        the module docstring; TORCH_LOGS=output_code shows both)."""
         sums = []
         for i in range(len(params)):
             sums += _update(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], x0s[i] if want_distance else None,
@@ -225,9 +229,9 @@ def _make_kernel(want_stats: bool, want_distance: bool) -> Callable:
 
 # Every compiled call updates exactly this many tensors (shorter lists are padded with dummies, below). Fewer
 # calls save Python and dispatch overhead (tens of us a call, more than updating a 384-element tensor
-# costs), but past ~10 tensors inductor stops fusing each tensor's sums into its update loop: its
-# scheduler does not fuse nodes that lie more than 64 apart in the graph, and the copies into p, m, v all
-# sit at the graph's end, after every tensor's sums.
+# costs), but with more tensors a call inductor fuses less of each tensor's work: its scheduler does not
+# fuse nodes that lie more than 64 apart in the graph, and the copies into p, m, v all sit at the graph's
+# end, after every tensor's sums.
 _CHUNK = 8
 
 # Tensors of at most this many elements (biases, LayerNorm weights) are updated together: their p, g, m, v
@@ -265,8 +269,8 @@ def _get_compiled_kernel(want_stats: bool, want_distance: bool) -> Callable:
     # realize_reads_threshold: inductor stores a pointwise value read by more than this many consumers in a
     # buffer of its own. The Mechanic kernel's extra sums push a value of the update over the default (4), and
     # the new p then went through a temporary and a second loop (two more passes over memory: 2.0x the step
-    # time of the kernel without them, measured). Everything here fuses into one loop, where the consumers
-    # share the value anyway.
+    # time of the kernel without them, measured). Every consumer of those values is in the update's one loop,
+    # where they share the value anyway.
     key = (want_stats, want_distance)
     if key not in _compiled_kernels:
         options = dict(dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True, "realize_reads_threshold": 64})

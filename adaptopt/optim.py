@@ -45,8 +45,9 @@ With a constant b1 the bias correction is the usual 1 - b1^t.
         c_t = <g_t, u_{t-1}> / (||g_t|| ||u_{t-1}||)
 
 Every rule uses step t's statistics one step late (computed during step t, applied from step t+1). That
-is what keeps the whole update a single pass over memory: the statistics are reduced in the same loop
-that writes the new moments (see functional.py). With ``adaptive_lr=None, adaptive_momentum=False,
+is what lets the native update be a single pass over memory: the statistics are reduced in the same loop
+that writes the new moments (native_update.py; the compiled kernel on the CPU reduces them in a loop of
+its own, see functional.py). With ``adaptive_lr=None, adaptive_momentum=False,
 max_grad_norm=None`` AdaptOpt is exactly AdamW (the tests hold it to torch.optim.AdamW for 100 steps in
 float64).
 
@@ -116,7 +117,7 @@ class AdaptOpt(torch.optim.Optimizer):
         adaptive_clip: ZClip threshold from the norm's running statistics (max_grad_norm then applies
             only during its warmup). See clip.GradClipper.
         foreach: use the torch._foreach_* implementation (default: on for CUDA tensors).
-        compiled: use the torch.compile-d single-pass kernel (CPU and GPU; compiles on first step). With
+        compiled: use the torch.compile-d kernel (CPU and GPU; compiles on first step). With
             compiled=True or native=True (in every param group) clipping is folded into that kernel: it
             multiplies the gradient by the clip factor as it reads it, so after step() p.grad still holds the
             *unclipped* gradient (the update used the clipped one); the pre-clip norm is
