@@ -13,7 +13,7 @@ rounds after ``--warmup`` untimed rounds (the warmup also compiles the torch.com
 Rows:
 - AdaptOpt with its defaults (the Mechanic learned LR scale, adaptive momentum, clipping at
   max_grad_norm=1.0) in each implementation: single-tensor loop, torch._foreach_*, native (the C++ CPU
-  kernel, what --optimizer_impl auto runs on the CPU) and compiled (torch.compile-d single pass);
+  kernel, what --optimizer_impl auto runs on the CPU) and compiled (torch.compile-d kernel);
 - AdaptOpt native with the adaptive parts and clipping off (the same math as AdamW);
 - AdaptOpt compiled and native with the hypergradient LR rule (the default before Mechanic): the Mechanic
   step reads one tensor more (the start x0) and reduces four more sums; the script prints the ratio of the
