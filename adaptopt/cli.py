@@ -6,13 +6,16 @@ One definition here means glue.py, squad.py and clm.py spell and default every s
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import logging
 import math
 import os
 
 from .launch import exit_with
 from .optim import ADAPTIVE_LR_RULES
-from .registry import SCHEDULE_FREE, OPTIMIZERS, build_optimizer, default_hyperparameters, optimizer_class
+from .registry import (IMPLEMENTATION_ARGS, SCHEDULE_FREE, OPTIMIZERS, build_optimizer, default_hyperparameters,
+                       optimizer_class)
 from .schedules import SCHEDULES, Plateau, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -25,6 +28,40 @@ FLAG_HYPERPARAMETERS = {
     "hypergrad_rate": "hypergrad_rate", "no_adaptive_momentum": "adaptive_momentum", "momentum_rate": "momentum_rate",
     "max_grad_norm": "max_grad_norm", "adaptive_clip": "adaptive_clip",
 }
+
+# The optimizers that --beta1/--beta2 and --momentum apply to.
+BETAS_FLAG_OPTIMIZERS = ("adam", "adamw", "adaptopt")
+MOMENTUM_FLAG_OPTIMIZERS = ("sgd", "momentum")
+
+
+def parse_optimizer_args(items: list[str] | None) -> dict:
+    """--optimizer_args KEY=VALUE ... as a dict. A value is read as a Python literal (1e-5, 0.5, (0.9, 0.99),
+    True; JSON's true/false/null too), else kept as the string."""
+    out = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--optimizer_args takes KEY=VALUE pairs (got {item!r}), e.g. use_bias_correction=true")
+        text = {"true": "True", "false": "False", "null": "None", "none": "None"}.get(text.lower(), text)
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def flag_hyperparameters(argv: list[str]) -> set[str]:
+    """The optimizer hyperparameters a recipe command line sets by flags, --optimizer_args' keys included (the
+    study uses it to tell a library default a run overrode from one it ran with)."""
+    keys, in_optimizer_args = set(), False
+    for arg in argv:
+        if arg.startswith("--"):
+            in_optimizer_args = arg == "--optimizer_args"
+            if arg[2:] in FLAG_HYPERPARAMETERS:
+                keys.add(FLAG_HYPERPARAMETERS[arg[2:]])
+        elif in_optimizer_args:
+            keys.add(arg.partition("=")[0])
+    return keys
 
 
 def add_optimization_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +84,9 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
                    help="adaptopt, mechanic: the learned scale's start, as a fraction of --learning_rate")
     g.add_argument("--hypergrad_rate", type=float, default=None,
                    help="adaptopt, hypergradient: max relative LR-scale change per step")
+    g.add_argument("--optimizer_args", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="more constructor arguments of the optimizer, for those no flag above sets, e.g. --optimizer "
+                        "prodigy --optimizer_args use_bias_correction=true d_coef=0.5 (values read as Python literals)")
     g.add_argument("--no_adaptive_momentum", action="store_true", help="adaptopt: switch off adaptive b1")
     g.add_argument("--momentum_rate", type=float, default=None, help="adaptopt: how strongly b1 follows the path")
     g.add_argument("--optimizer_impl", choices=OPTIMIZER_IMPLS, default="auto",
@@ -183,6 +223,9 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
                  if getattr(args, f) is not None]
         if used:
             parser.error(f"--{', --'.join(used)} only apply to --optimizer adaptopt (got --optimizer {args.optimizer})")
+    refusal = optimizer_args_refusal(args.optimizer, args.optimizer_args)
+    if refusal:
+        parser.error(refusal)
     refusal = impl_refusal(args.optimizer, args.optimizer_impl)
     if refusal:
         parser.error(refusal)
@@ -204,6 +247,37 @@ def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--checkpointing_steps must be a positive integer or 'epoch' (got {cs!r})")
 
 
+def optimizer_args_refusal(optimizer: str, items: list[str] | None) -> str | None:
+    """Why --optimizer_args cannot be used as given (None if it can): each key must be an argument of the
+    optimizer's constructor that no other flag sets and that does not pick the implementation."""
+    try:
+        given = parse_optimizer_args(items)
+    except ValueError as err:
+        return str(err)
+    if not given:
+        return None
+    takes = set(inspect.signature(optimizer_class(optimizer).__init__).parameters) - {"self", "params"}
+    by_flag: dict[str, list[str]] = {}
+    for flag, hp in FLAG_HYPERPARAMETERS.items():
+        by_flag.setdefault(hp, []).append(f"--{flag}")
+    # the flags that set these only for some optimizers (optimizer_from_args): the others take them here
+    if optimizer not in BETAS_FLAG_OPTIMIZERS:
+        del by_flag["betas"]
+    if optimizer not in MOMENTUM_FLAG_OPTIMIZERS:
+        del by_flag["momentum"]
+    if optimizer in SCHEDULE_FREE:
+        by_flag["warmup_steps"] = ["--warmup_ratio", "--num_warmup_steps"]
+    for key in given:
+        if key in by_flag:
+            return f"--optimizer_args {key}=...: set it with {' / '.join(by_flag[key])} instead"
+        if key in IMPLEMENTATION_ARGS or key in _IMPL_ARGUMENTS:
+            return f"--optimizer_args {key}=...: the implementation is picked by --optimizer_impl"
+        if key not in takes:
+            return (f"--optimizer_args {key}=...: {optimizer} takes no argument {key!r}; it takes "
+                    f"{', '.join(sorted(takes - set(by_flag) - IMPLEMENTATION_ARGS - set(_IMPL_ARGUMENTS)))}")
+    return None
+
+
 def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, device=None, warmup_steps: int = 0):
     """The optimizer the flags describe. ``clip=False`` when something else clips (DeepSpeed's engine).
     ``device``: where the optimizer steps (the model may still be on the CPU; the host under ZeRO-Offload), for
@@ -212,10 +286,10 @@ def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, d
     hp = dict(lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.eps)
     if args.optimizer in SCHEDULE_FREE:
         hp["warmup_steps"] = warmup_steps
-    if args.optimizer in ("adam", "adamw", "adaptopt") and (args.beta1 is not None or args.beta2 is not None):
+    if args.optimizer in BETAS_FLAG_OPTIMIZERS and (args.beta1 is not None or args.beta2 is not None):
         b1, b2 = default_hyperparameters(args.optimizer)["betas"]
         hp["betas"] = (args.beta1 if args.beta1 is not None else b1, args.beta2 if args.beta2 is not None else b2)
-    if args.optimizer in ("sgd", "momentum"):
+    if args.optimizer in MOMENTUM_FLAG_OPTIMIZERS:
         hp["momentum"] = args.momentum
     if args.optimizer == "adaptopt":
         if args.adaptive_lr is not None:
@@ -223,6 +297,7 @@ def optimizer_from_args(args: argparse.Namespace, model, *, clip: bool = True, d
         hp.update(adaptive_momentum=not args.no_adaptive_momentum, scale_decay=args.scale_decay,
                   scale_init=args.scale_init,
                   hypergrad_rate=args.hypergrad_rate, momentum_rate=args.momentum_rate)
+    hp.update(parse_optimizer_args(args.optimizer_args))
     hp.update(impl_arguments(args.optimizer, args.optimizer_impl, device))
     return build_optimizer(args.optimizer, model, max_grad_norm=(args.max_grad_norm or None) if clip else None,
                            adaptive_clip=args.adaptive_clip and clip, **hp)

@@ -112,6 +112,37 @@ def test_fused_torch_baseline_steps_like_the_eager_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_optimizer_args_reach_the_constructor_and_the_record():
+    from adaptopt.registry import run_hyperparameters
+
+    args = parse("--optimizer", "prodigy", "--optimizer_args", "use_bias_correction=true", "d_coef=0.5",
+                 "betas=(0.9,0.99)")
+    optimizer = cli.optimizer_from_args(args, nn.Linear(4, 2))
+    used = run_hyperparameters(optimizer)
+    assert used["use_bias_correction"] is True and used["d_coef"] == 0.5 and tuple(used["betas"]) == (0.9, 0.99)
+    assert used["lr"] == 1.0 and used["safeguard_warmup"] is True  # the registry's settings stay
+    assert cli.parse_optimizer_args(["name=foo", "x=null", "n=3"]) == {"name": "foo", "x": None, "n": 3}
+
+
+@pytest.mark.parametrize("optimizer, item, message", [
+    ("prodigy", "use_bias_corection=true", "prodigy takes no argument 'use_bias_corection'; it takes "),
+    ("prodigy", "lr=0.5", "set it with --learning_rate instead"),
+    ("adaptopt", "betas=(0.9,0.99)", "set it with --beta1 / --beta2 instead"),
+    ("schedulefree_adamw", "warmup_steps=10", "set it with --warmup_ratio / --num_warmup_steps instead"),
+    ("adaptopt", "compiled=true", "the implementation is picked by --optimizer_impl"),
+    ("adamw", "amsgrad", "takes KEY=VALUE pairs (got 'amsgrad')"),
+])
+def test_optimizer_args_a_flag_sets_or_the_constructor_lacks_are_refused(optimizer, item, message, capsys):
+    with pytest.raises(SystemExit):
+        parse("--optimizer", optimizer, "--optimizer_args", item)
+    assert message in capsys.readouterr().err
+
+
+def test_flag_hyperparameters_include_optimizer_args_keys():
+    argv = ["--learning_rate", "1.0", "--optimizer_args", "d_coef=0.5", "use_bias_correction=true", "--seed", "1"]
+    assert cli.flag_hyperparameters(argv) == {"lr", "d_coef", "use_bias_correction"}
+
+
 def test_adaptopt_only_flags_are_refused_for_other_optimizers():
     with pytest.raises(SystemExit):
         parse("--optimizer", "adamw", "--adaptive_lr", "none")

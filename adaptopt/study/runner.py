@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ..cli import FLAG_HYPERPARAMETERS
+from ..cli import flag_hyperparameters
 from ..launch import available_cores, recipe_command, threads_per_process
 from ..registry import default_hyperparameters
 from .config import REPO, RunSpec, Study, StudyConfigError
@@ -136,7 +136,7 @@ def same_run(spec: RunSpec, info: dict | None, defaults: dict | None = None, res
         return "no run.json"
     if info.get("recipe_args") != spec.recipe_args() and not ran_as_restated(spec, info.get("recipe_args"), results):
         return "its arguments differ from the study file's"
-    set_by_flags = {FLAG_HYPERPARAMETERS[a[2:]] for a in spec.recipe_args() if a[2:] in FLAG_HYPERPARAMETERS}
+    set_by_flags = flag_hyperparameters(spec.recipe_args())
     recorded = info.get("optimizer_defaults") or {}
     today = defaults if defaults is not None else optimizer_defaults(spec.optimizer)
     changed = sorted(k for k, v in recorded.items() if k not in set_by_flags and k in today and today[k] != v)
