@@ -262,9 +262,9 @@ def optimizer_args_refusal(optimizer: str, items: list[str] | None) -> str | Non
         by_flag.setdefault(hp, []).append(f"--{flag}")
     # the flags that set these only for some optimizers (optimizer_from_args): the others take them here
     if optimizer not in BETAS_FLAG_OPTIMIZERS:
-        del by_flag["betas"]
+        by_flag.pop("betas", None)
     if optimizer not in MOMENTUM_FLAG_OPTIMIZERS:
-        del by_flag["momentum"]
+        by_flag.pop("momentum", None)
     if optimizer in SCHEDULE_FREE:
         by_flag["warmup_steps"] = ["--warmup_ratio", "--num_warmup_steps"]
     for key in given:
