@@ -256,7 +256,8 @@ def optimizer_args_refusal(optimizer: str, items: list[str] | None) -> str | Non
         return str(err)
     if not given:
         return None
-    takes = set(inspect.signature(optimizer_class(optimizer).__init__).parameters) - {"self", "params"}
+    arguments = _constructor_arguments(optimizer)
+    takes = set(arguments)
     by_flag: dict[str, list[str]] = {}
     for flag, hp in FLAG_HYPERPARAMETERS.items():
         by_flag.setdefault(hp, []).append(f"--{flag}")
@@ -275,6 +276,13 @@ def optimizer_args_refusal(optimizer: str, items: list[str] | None) -> str | Non
         if key not in takes:
             return (f"--optimizer_args {key}=...: {optimizer} takes no argument {key!r}; it takes "
                     f"{', '.join(sorted(takes - set(by_flag) - IMPLEMENTATION_ARGS - set(_IMPL_ARGUMENTS)))}")
+        default, value = arguments[key].default, given[key]
+        # a value of another kind than the default's would only fail at the first step, after the model loaded
+        kinds = (bool,) if isinstance(default, bool) else (int, float) if isinstance(default, (int, float)) else (
+            (tuple, list) if isinstance(default, tuple) else None)
+        if kinds and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            return (f"--optimizer_args {key}={value!r}: {optimizer}'s {key} takes a value like its default "
+                    f"{default!r}")
     return None
 
 
@@ -311,10 +319,15 @@ OPTIMIZER_IMPLS = ("auto", "native", "compiled", "fused", "foreach", "eager")
 _IMPL_ARGUMENTS = ("native", "compiled", "fused", "foreach")
 
 
-def _takes(name: str) -> set[str]:
-    import inspect
+def _constructor_arguments(name: str) -> dict[str, inspect.Parameter]:
+    """The arguments of optimizer ``name``'s constructor, without ``params``."""
+    arguments = dict(inspect.signature(optimizer_class(name)).parameters)
+    arguments.pop("params", None)
+    return arguments
 
-    return set(inspect.signature(optimizer_class(name)).parameters) & set(_IMPL_ARGUMENTS)
+
+def _takes(name: str) -> set[str]:
+    return set(_constructor_arguments(name)) & set(_IMPL_ARGUMENTS)
 
 
 def impl_refusal(name: str, impl: str) -> str | None:

@@ -131,6 +131,9 @@ def test_optimizer_args_reach_the_constructor_and_the_record():
     ("schedulefree_adamw", "warmup_steps=10", "set it with --warmup_ratio / --num_warmup_steps instead"),
     ("adaptopt", "compiled=true", "the implementation is picked by --optimizer_impl"),
     ("adamw", "amsgrad", "takes KEY=VALUE pairs (got 'amsgrad')"),
+    ("prodigy", "d_coef=half", "prodigy's d_coef takes a value like its default 1.0"),
+    ("prodigy", "use_bias_correction=1", "prodigy's use_bias_correction takes a value like its default False"),
+    ("adamw", "amsgrad=yes", "adamw's amsgrad takes a value like its default False"),
 ])
 def test_optimizer_args_a_flag_sets_or_the_constructor_lacks_are_refused(optimizer, item, message, capsys):
     with pytest.raises(SystemExit):
